@@ -1,0 +1,162 @@
+"""Decoder-only transformer LM (pre-RMSNorm, RoPE, GQA, SwiGLU) with a fixed-shape KV cache.
+
+Model contract (DESIGN.md): `__call__` for training, `init_cache`, `extend` (K tokens at each row's length),
+`commit` (keep the first n of them). The cache slot of a key is its position, so masks come from positions:
+padding is inert and rollback is only a change of length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import (Attention, RMSNorm, SwiGLU, blocked_cache_attention, causal_mask, dense, dtype_of,
+                           mlp_hidden_default, scatter_rows)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    arch: str = "decoder"
+    vocab_size: int = 259
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (plain multi-head attention)
+    head_dim: int = 0  # 0: d_model // n_heads
+    mlp_hidden: int = 0  # 0: 8/3 d_model rounded up to a multiple of 64
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype; bf16 for accelerators (XLA:CPU bf16 is ~10x slower)
+    param_dtype: str = "float32"
+    attn_block: int = 256  # cache read granularity when decoding
+    remat: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or mlp_hidden_default(self.d_model)
+
+    def validate(self):
+        if min(self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.attn_block) < 1:
+            raise ValueError("vocab_size, d_model, n_layers, n_heads and attn_block must be positive")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.hd % 2:
+            raise ValueError(f"head_dim must be even for RoPE; got {self.hd}")
+        dtype_of(self.dtype), dtype_of(self.param_dtype)
+
+
+def embed_init(rngs: nnx.Rngs, vocab: int, d: int, param_dtype, tied: bool) -> nnx.Embed:
+    init = nnx.initializers.normal(stddev=1.0 / math.sqrt(d) if tied else 1.0)
+    return nnx.Embed(vocab, d, param_dtype=param_dtype, rngs=rngs,
+                     embedding_init=nnx.with_partitioning(init, ("vocab", "embed")))
+
+
+class DecoderBlock(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, rope_base=cfg.rope_base, rngs=rngs,
+                              dtype=dt, param_dtype=pdt, out_scale=out_scale)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
+        self.mlp = SwiGLU(cfg.d_model, cfg.hidden, rngs=rngs, dtype=dt, param_dtype=pdt, out_scale=out_scale)
+        self.block = cfg.attn_block
+
+    def __call__(self, x, pos_BxL, mask_BxLxL):
+        x = x + self.attn(self.attn_norm(x), pos_BxL, mask_BxLxL)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def extend(self, x, pos_BxK, cache, n_blocks):
+        q, k, v = self.attn.qkv(self.attn_norm(x), pos_BxK)
+        kc = scatter_rows(cache["k"], k, pos_BxK)
+        vc = scatter_rows(cache["v"], v, pos_BxK)
+        key_pos = jnp.broadcast_to(jnp.arange(kc.shape[1], dtype=jnp.int32), kc.shape[:2])
+        o = blocked_cache_attention(q, kc, vc, key_pos, pos_BxK, block=self.block, n_valid_blocks=n_blocks)
+        x = x + self.attn.out(o)
+        return x + self.mlp(self.mlp_norm(x)), {"k": kc, "v": vc}
+
+
+class DecoderLM(nnx.Module):
+    config_class = DecoderConfig
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype_of(cfg.dtype)
+        pdt = dtype_of(cfg.param_dtype)
+        self.embed = embed_init(rngs, cfg.vocab_size, cfg.d_model, pdt, cfg.tie_embeddings)
+        self.blocks = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
+        if not cfg.tie_embeddings:
+            self.head = dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=self.dtype,
+                              param_dtype=pdt)
+
+    def _embed(self, tokens):
+        return self.embed(tokens).astype(self.dtype)
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            w = self.embed.embedding[...].astype(self.dtype)
+            return jnp.einsum("bld,vd->blv", x, w, preferred_element_type=jnp.float32)
+        return self.head(x).astype(jnp.float32)
+
+    def __call__(self, tokens_BxL, prefix_len_B=None):
+        b, l = tokens_BxL.shape
+        pos_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        mask = causal_mask(pos_BxL, prefix_len_B)
+        x = self._embed(tokens_BxL)
+        for blk in self.blocks:
+            if self.cfg.remat:
+                x = nnx.remat(lambda m, y: m(y, pos_BxL, mask))(blk, x)
+            else:
+                x = blk(x, pos_BxL, mask)
+        return self._logits(x), {}
+
+    # ---- decoding contract -------------------------------------------------------------------------
+    def cache_capacity(self, max_len: int) -> int:
+        """Slots actually allocated for a requested max_len (rounded up to the attention block)."""
+        blk = self.cfg.attn_block
+        return -(-max_len // blk) * blk
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        s = self.cache_capacity(max_len)
+        shape = (batch, s, self.cfg.kv_heads, self.cfg.hd)
+        # Each leaf is its own buffer: one shared zeros array cannot be donated twice.
+        layers = [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+                  for _ in range(self.cfg.n_layers)]
+        return {"lengths": jnp.zeros((batch,), jnp.int32), "layers": layers}
+
+    def extend(self, tokens_BxK, cache):
+        b, k = tokens_BxK.shape
+        lengths = cache["lengths"]
+        pos_BxK = lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
+        blk = self.cfg.attn_block
+        n_blocks = jnp.minimum((jnp.max(lengths) + k + blk - 1) // blk, cache["layers"][0]["k"].shape[1] // blk)
+        x = self._embed(tokens_BxK)
+        new_layers = []
+        for blk, c in zip(self.blocks, cache["layers"]):
+            x, c = blk.extend(x, pos_BxK, c, n_blocks)
+            new_layers.append(c)
+        return self._logits(x), {"lengths": lengths, "layers": new_layers}
+
+    def commit(self, cache, n_B):
+        return {**cache, "lengths": cache["lengths"] + n_B.astype(jnp.int32)}
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

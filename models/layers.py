@@ -1,0 +1,180 @@
+"""Shared layers: RMSNorm, RoPE, SwiGLU, dense projections with logical sharding axes, and attention kernels.
+
+Parameters carry logical axis names (see train/mesh.py for the one table mapping them to mesh axes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NEG_INF = -1e30
+
+
+def dtype_of(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def dense(d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs, dtype, param_dtype, scale: float = 1.0,
+          use_bias: bool = False) -> nnx.Linear:
+    """Bias-free projection with fan-in init, optionally scaled (residual outputs use 1/sqrt(2*blocks))."""
+    init = nnx.initializers.variance_scaling(scale ** 2, "fan_in", "truncated_normal")
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                      kernel_init=nnx.with_partitioning(init, axes),
+                      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding=("embed",))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BxLxHxD, pos_BxL, base: float = 10000.0):
+    """Rotary embedding, half-split (NeoX) layout. Angles in fp32: bf16 angles break at long positions."""
+    d = x_BxLxHxD.shape[-1]
+    half = d // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+    ang_BxLxF = pos_BxL.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.cos(ang_BxLxF)[:, :, None, :]
+    sin = jnp.sin(ang_BxLxF)[:, :, None, :]
+    x = x_BxLxHxD.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxD.dtype)
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype, out_scale: float = 1.0):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate = dense(d_model, hidden, ("embed", "mlp"), **kw)
+        self.up = dense(d_model, hidden, ("embed", "mlp"), **kw)
+        self.down = dense(hidden, d_model, ("mlp", "embed"), scale=out_scale, **kw)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def mlp_hidden_default(d_model: int) -> int:
+    """8/3 d rounded up to a multiple of 64 (keeps SwiGLU's parameter count near a 4d GELU MLP)."""
+    return int(math.ceil(8 * d_model / 3 / 64) * 64)
+
+
+def _grouped(q_BxLxHxD, n_kv: int):
+    b, l, h, d = q_BxLxHxD.shape
+    return q_BxLxHxD.reshape(b, l, n_kv, h // n_kv, d)
+
+
+def masked_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, mask_BxLxS):
+    """Grouped-query attention with an explicit boolean mask; softmax in fp32."""
+    b, l, h, d = q_BxLxHxD.shape
+    g = k_BxSxGxD.shape[2]
+    q = _grouped(q_BxLxHxD, g)
+    s_BxGxRxLxS = jnp.einsum("blgrd,bsgd->bgrls", q, k_BxSxGxD,
+                             preferred_element_type=jnp.float32) / math.sqrt(d)
+    s_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxGxRxLxS, NEG_INF)
+    p = jax.nn.softmax(s_BxGxRxLxS, axis=-1).astype(v_BxSxGxD.dtype)
+    o = jnp.einsum("bgrls,bsgd->blgrd", p, v_BxSxGxD, preferred_element_type=jnp.float32)
+    return o.reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
+
+
+def blocked_cache_attention(q_BxKxHxD, k_BxSxGxD, v_BxSxGxD, key_pos_BxS, q_pos_BxK, *, block: int,
+                            window: int = 0, n_valid_blocks=None):
+    """Attention of K new queries over a preallocated cache, reading only the blocks that hold keys.
+
+    Keys are masked by position: key j is visible to query i iff 0 <= pos_j <= pos_i (and, with a window W,
+    pos_i - pos_j < W). Slots with position -1 are empty. The loop runs over ceil(filled / block) blocks, so
+    the cost grows with the context actually held, not with the buffer size. Online softmax in fp32.
+    """
+    b, kq, h, d = q_BxKxHxD.shape
+    s_total, g = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
+    assert s_total % block == 0, (s_total, block)
+    q = _grouped(q_BxKxHxD, g).astype(jnp.float32) / math.sqrt(d)
+    r = h // g
+    if n_valid_blocks is None:
+        n_valid_blocks = s_total // block
+
+    def body(i, carry):
+        m, l, acc = carry
+        start = i * block
+        kb = jax.lax.dynamic_slice_in_dim(k_BxSxGxD, start, block, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v_BxSxGxD, start, block, axis=1)
+        pb = jax.lax.dynamic_slice_in_dim(key_pos_BxS, start, block, axis=1)
+        s = jnp.einsum("bkgrd,bsgd->bgrks", q, kb.astype(jnp.float32))
+        vis_BxKxS = (pb[:, None, :] >= 0) & (pb[:, None, :] <= q_pos_BxK[:, :, None])
+        if window:
+            vis_BxKxS &= (q_pos_BxK[:, :, None] - pb[:, None, :]) < window
+        s = jnp.where(vis_BxKxS[:, None, None], s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(-1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l_new = l * corr + p.sum(-1)
+        acc_new = acc * corr[..., None] + jnp.einsum("bgrks,bsgd->bgrkd", p, vb.astype(jnp.float32))
+        return m_new, l_new, acc_new
+
+    init = (jnp.full((b, g, r, kq), NEG_INF, jnp.float32), jnp.zeros((b, g, r, kq), jnp.float32),
+            jnp.zeros((b, g, r, kq, d), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_valid_blocks, body, init)
+    o = acc / jnp.maximum(l, 1e-30)[..., None]
+    return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, kq, h, d).astype(q_BxKxHxD.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE; the caller chooses the mask (full forward) or the cache layout."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, rope_base: float,
+                 rngs: nnx.Rngs, dtype, param_dtype, out_scale: float = 1.0):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.rope_base = n_heads, n_kv_heads, head_dim, rope_base
+        self.q = dense(d_model, n_heads * head_dim, ("embed", "heads"), **kw)
+        self.k = dense(d_model, n_kv_heads * head_dim, ("embed", "kv_heads"), **kw)
+        self.v = dense(d_model, n_kv_heads * head_dim, ("embed", "kv_heads"), **kw)
+        self.o = dense(n_heads * head_dim, d_model, ("heads", "embed"), scale=out_scale, **kw)
+
+    def qkv(self, x_BxLxD, pos_BxL):
+        b, l, _ = x_BxLxD.shape
+        q = self.q(x_BxLxD).reshape(b, l, self.n_heads, self.head_dim)
+        k = self.k(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
+        v = self.v(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
+        return rope(q, pos_BxL, self.rope_base), rope(k, pos_BxL, self.rope_base), v
+
+    def out(self, o_BxLxHxD):
+        b, l = o_BxLxHxD.shape[:2]
+        return self.o(o_BxLxHxD.reshape(b, l, self.n_heads * self.head_dim))
+
+    def __call__(self, x_BxLxD, pos_BxL, mask_BxLxL):
+        q, k, v = self.qkv(x_BxLxD, pos_BxL)
+        return self.out(masked_attention(q, k, v, mask_BxLxL))
+
+
+def causal_mask(pos_BxL, prefix_len_B=None, window: int = 0):
+    """Key j visible to query i iff pos_j <= pos_i, or (prefix-LM) j lies in the row's prefix.
+
+    With a prefix, prefix tokens see the whole prefix bidirectionally and targets see the prefix plus
+    earlier targets: visible iff pos_j < prefix or pos_j <= pos_i.
+    """
+    qi = pos_BxL[:, :, None]
+    kj = pos_BxL[:, None, :]
+    vis = kj <= qi
+    if window:
+        vis &= (qi - kj) < window
+    if prefix_len_B is not None:
+        vis |= kj < prefix_len_B[:, None, None]
+    return vis
+
+
+def scatter_rows(buf_BxSx, new_BxKx, idx_BxK):
+    """Write new[b, i] to buf[b, idx[b, i]] (per-row positions); out-of-range indices are dropped."""
+    b = buf_BxSx.shape[0]
+    return buf_BxSx.at[jnp.arange(b)[:, None], idx_BxK].set(new_BxKx.astype(buf_BxSx.dtype), mode="drop")

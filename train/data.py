@@ -1,0 +1,161 @@
+"""Corpus discovery, a deterministic train/validation split, a uint16 token cache, and reproducible batches."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from train.config import ConfigError, DataConfig
+
+CACHE_FORMAT = 1
+
+
+def default_sources() -> list[tuple[str, Path]]:
+    """The running Python's standard-library *.py files (no site-packages), as (relative path, path)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts and rel.parts[0] in ("site-packages", "dist-packages"):
+            continue
+        if path.is_file():
+            files.append((rel.as_posix(), path))
+    return sorted(files)
+
+
+def resolve_sources(patterns: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """Globs or file names; the relative path (for the split hash) is taken from the glob's fixed prefix."""
+    if not patterns:
+        return default_sources()
+    files: dict[str, Path] = {}
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        base = Path(pattern.split("*")[0].split("?")[0].split("[")[0])
+        base = base if base.is_dir() else base.parent
+        for name in glob.glob(pattern, recursive=True):
+            path = Path(name)
+            if path.is_file():
+                try:
+                    rel = path.resolve().relative_to(base.resolve()).as_posix()
+                except ValueError:
+                    rel = path.as_posix()
+                files.setdefault(rel, path)
+    if not files:
+        raise ConfigError(f"data.sources matched no files: {list(patterns)}")
+    return sorted(files.items())
+
+
+def is_validation(rel_path: str, val_fraction: float) -> bool:
+    """Deterministic split by a hash of the file's relative path (stable across machines and runs)."""
+    h = int.from_bytes(hashlib.sha256(rel_path.encode("utf-8")).digest()[:8], "little")
+    return (h % 1_000_000) < int(round(val_fraction * 1_000_000))
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # uint16 memmap, documents separated by EOS
+    val: np.ndarray
+    key: str  # content hash of sources + tokenizer + split: identifies the corpus for SAM files
+    tokenizer_name: str
+    meta: dict
+
+    @classmethod
+    def open(cls, cfg: DataConfig, tokenizer) -> "Corpus":
+        sources = resolve_sources(cfg.sources)
+        stat_key = hashlib.sha256()
+        stat_key.update(f"{CACHE_FORMAT}|{tokenizer.name}|{cfg.val_fraction}".encode())
+        for rel, path in sources:
+            st = path.stat()
+            stat_key.update(f"|{rel}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        cache = Path(cfg.cache_dir) / stat_key.hexdigest()[:20]
+        if not (cache / "meta.json").is_file():
+            _tokenize_into(cache, sources, tokenizer, cfg.val_fraction)
+        meta = json.loads((cache / "meta.json").read_text())
+        arrays = {}
+        for split in ("train", "val"):
+            n = meta[f"{split}_tokens"]
+            arrays[split] = (np.memmap(cache / f"{split}.bin", dtype=np.uint16, mode="r", shape=(n,))
+                             if n else np.zeros((0,), np.uint16))
+        if meta["train_tokens"] == 0:
+            raise ConfigError(f"data.sources gave an empty training split ({len(sources)} files)")
+        return cls(arrays["train"], arrays["val"], meta["corpus_hash"], tokenizer.name, meta)
+
+
+def _tokenize_into(cache: Path, sources, tokenizer, val_fraction: float) -> None:
+    """Tokenize every file once, EOS after each document; written to a temp dir and renamed (atomic)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
+    try:
+        content = hashlib.sha256(f"{tokenizer.name}|{val_fraction}".encode())
+        counts = {"train": 0, "val": 0}
+        files = {"train": 0, "val": 0}
+        outs = {s: open(tmp / f"{s}.bin", "wb") for s in counts}
+        eos = np.array([tokenizer.eos_id], np.uint16)
+        for rel, path in sources:
+            data = path.read_bytes()
+            content.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+            ids = tokenizer.encode(data)
+            if len(ids) == 0:
+                continue
+            split = "val" if is_validation(rel, val_fraction) else "train"
+            outs[split].write(ids.astype(np.uint16).tobytes())
+            outs[split].write(eos.tobytes())
+            counts[split] += len(ids) + 1
+            files[split] += 1
+        for f in outs.values():
+            f.close()
+        meta = {"format": CACHE_FORMAT, "tokenizer": tokenizer.name, "corpus_hash": content.hexdigest()[:32],
+                "train_tokens": counts["train"], "val_tokens": counts["val"],
+                "train_files": files["train"], "val_files": files["val"]}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, cache)
+        except OSError:  # another process won the race; its cache is equivalent
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def batch_rng(seed: int, step: int, process_index: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, step, process_index])
+
+
+def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, seq_len: int,
+              process_index: int = 0) -> np.ndarray:
+    """Random windows of seq_len+1 tokens; a pure function of (seed, step, process index)."""
+    n = len(tokens)
+    if n < seq_len + 2:
+        raise ConfigError(f"corpus split has {n} tokens, fewer than data.seq_len+2 = {seq_len + 2}")
+    rng = batch_rng(seed, step, process_index)
+    starts = rng.integers(0, n - seq_len - 1, size=batch_size)
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    return np.asarray(tokens[idx], dtype=np.int32)
+
+
+def prefix_lengths(*, seed: int, step: int, batch_size: int, seq_len: int, process_index: int = 0) -> np.ndarray:
+    """Per-row prefix length for the prefix-LM objective, uniform in [1, seq_len-1]."""
+    rng = np.random.default_rng([seed, step, process_index, 1])
+    return rng.integers(1, seq_len, size=batch_size).astype(np.int32)
+
+
+def eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, n_batches: int) -> list[np.ndarray]:
+    """Fixed, evenly spaced validation windows so every evaluation sees the same data."""
+    n = len(tokens)
+    total = batch_size * n_batches
+    span = seq_len + 1
+    if n < span + 1:
+        raise ConfigError(f"validation split has {n} tokens, fewer than data.seq_len+2 = {seq_len + 2}")
+    starts = np.linspace(0, n - span - 1, total).astype(np.int64)
+    idx = starts[:, None] + np.arange(span)[None, :]
+    windows = np.asarray(tokens[idx], dtype=np.int32)
+    return [windows[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
