@@ -1,0 +1,207 @@
+"""Mamba-1 (S6) mixer with a chunked, rematerialised selective scan and a rollback-able decode cache.
+
+Equations (Gu & Dao 2023, `mamba_simple.py`): x, z = split(W_in u); x~ = silu(causal_conv(x));
+[delta, B, C] = W_x x~; dt = softplus(W_dt delta + b_dt); h_t = exp(dt_t A) h_{t-1} + (dt_t x~_t) B_t;
+y_t = C_t . h_t + D x~_t; out = W_out (y * silu(z)).
+
+The conv, dt, the scan and the state are in fp32 (or better, under x64) whatever the compute dtype: SSMs are
+sensitive to their recurrent dynamics. Letters: E = expand * d_model (inner width), N = d_state,
+R = dt_rank, T = scan chunk length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import dense
+
+
+def acc_dtype(dtype):
+    """Accumulation dtype: fp32, or fp64 when the inputs are fp64 (gradient checks under x64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _combine(left, right):
+    a1, b1 = left
+    a2, b2 = right
+    return a1 * a2, a2 * b1 + b2
+
+
+def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chunk: int, want_y: bool = True):
+    """h_t = exp(dt_t A) h_{t-1} + (dt_t x_t) B_t;  y_t = C_t . h_t.  Returns (y_BxLxE or None, h_L).
+
+    An outer `lax.scan` over chunks of T steps carries only h (B, E, N); the chunk body is wrapped in
+    `jax.checkpoint` and runs an associative scan, so the (B, T, E, N) tensors exist for one chunk at a
+    time, and the backward pass keeps only the chunk-boundary states. (B, L, E, N) is never materialised.
+    Padding steps have dt = 0, which leaves the state unchanged (exp(0) = 1, zero input).
+    """
+    b, l, e = x_BxLxE.shape
+    dt = acc_dtype(x_BxLxE.dtype)
+    x, delta, Bm = (t.astype(dt) for t in (x_BxLxE, dt_BxLxE, B_BxLxN))
+    Cm = C_BxLxN.astype(dt) if want_y else None
+    A = A_ExN.astype(dt)
+    h0 = h0_BxExN.astype(dt)
+
+    if l == 1:  # one decoding step: no scan at all
+        h = jnp.exp(delta[:, 0, :, None] * A) * h0 + (delta[:, 0] * x[:, 0])[:, :, None] * Bm[:, 0, None, :]
+        y = jnp.einsum("ben,bn->be", h, Cm[:, 0])[:, None] if want_y else None
+        return y, h
+
+    t = min(chunk, l)
+    n_chunks = -(-l // t)
+    pad = n_chunks * t - l
+
+    def to_chunks(a):  # (B, L, F) -> (n_chunks, B, T, F); padded steps get dt = 0
+        a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
+        return a.reshape(b, n_chunks, t, a.shape[-1]).swapaxes(0, 1)
+
+    xs = (to_chunks(x), to_chunks(delta), to_chunks(Bm)) + ((to_chunks(Cm),) if want_y else ())
+
+    @jax.checkpoint
+    def body(h_BxExN, inp):
+        x_c, dt_c, B_c = inp[:3]
+        dA_BxTxExN = jnp.exp(dt_c[..., None] * A)
+        dBx_BxTxExN = (dt_c * x_c)[..., None] * B_c[:, :, None, :]
+        a_cum, h_loc = jax.lax.associative_scan(_combine, (dA_BxTxExN, dBx_BxTxExN), axis=1)
+        h_BxTxExN = a_cum * h_BxExN[:, None] + h_loc
+        y = jnp.einsum("bten,btn->bte", h_BxTxExN, inp[3]) if want_y else None
+        return h_BxTxExN[:, -1], y
+
+    h, y = jax.lax.scan(body, h0, xs)
+    if want_y:
+        y = y.swapaxes(0, 1).reshape(b, n_chunks * t, e)[:, :l]
+    return y, h
+
+
+def selective_scan_ref(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN):
+    """Naive step-by-step recurrence (the definition), for tests."""
+    def step(h, inp):
+        x, dt, Bm, Cm = inp
+        h = jnp.exp(dt[..., None] * A_ExN) * h + (dt * x)[..., None] * Bm[:, None, :]
+        return h, jnp.einsum("ben,bn->be", h, Cm)
+
+    xs = tuple(a.swapaxes(0, 1) for a in (x_BxLxE, dt_BxLxE, B_BxLxN, C_BxLxN))
+    h, y = jax.lax.scan(step, h0_BxExN, xs)
+    return y.swapaxes(0, 1), h
+
+
+def causal_conv(window_BxWxE, x_BxKxE, kernel_CxE, bias_E):
+    """Depthwise causal conv of the K new inputs, given the C-1 inputs before them (zeros at the start).
+
+    kernel[C-1] multiplies the current input (PyTorch Conv1d cross-correlation with left padding C-1).
+    """
+    c = kernel_CxE.shape[0]
+    k = x_BxKxE.shape[1]
+    dt = acc_dtype(x_BxKxE.dtype)
+    full = jnp.concatenate([window_BxWxE.astype(dt), x_BxKxE.astype(dt)], axis=1)
+    w = kernel_CxE.astype(dt)
+    out = sum(full[:, i:i + k] * w[i] for i in range(c))
+    return out + bias_E.astype(dt)
+
+
+def inverse_softplus(y):
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+class Mamba(nnx.Module):
+    """Mamba-1 mixer. `__call__` for a full sequence; `extend`/`commit` for the decode cache."""
+
+    def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0,
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_chunk: int = 64,
+                 rngs: nnx.Rngs, dtype, param_dtype, out_scale: float = 1.0):
+        e = expand * d_model
+        r = dt_rank or math.ceil(d_model / 16)
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = e, d_state, d_conv, r
+        self.scan_chunk = scan_chunk
+        self.dtype = dtype
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = dense(d_model, 2 * e, ("embed", "mlp"), **kw)
+        # PyTorch Conv1d default init (kaiming-uniform a=sqrt(5)): U(+-1/sqrt(fan_in)), fan_in = d_conv.
+        bound = 1.0 / math.sqrt(d_conv)
+        self.conv_kernel = nnx.Param(jax.random.uniform(rngs.params(), (d_conv, e), param_dtype, -bound, bound),
+                                     sharding=(None, "mlp"))
+        self.conv_bias = nnx.Param(jax.random.uniform(rngs.params(), (e,), param_dtype, -bound, bound),
+                                   sharding=("mlp",))
+        self.x_proj = dense(e, r + 2 * d_state, ("mlp", None), **kw)
+        # dt_proj runs in fp32 (small); weight U(+-R^-0.5); bias = softplus^-1(dt), dt log-uniform in
+        # [dt_min, dt_max], so softplus(bias) starts in that range (mamba_simple.py dt init).
+        acc = acc_dtype(param_dtype)
+        self.dt_proj = nnx.Linear(r, e, use_bias=True, dtype=acc, param_dtype=param_dtype, rngs=rngs,
+                                  kernel_init=nnx.with_partitioning(_uniform_init(r ** -0.5), (None, "mlp")),
+                                  bias_init=nnx.with_partitioning(
+                                      _dt_bias_init(dt_min, dt_max, dt_init_floor), ("mlp",)))
+        # S4D-real: A = -(1..N) per channel, stored as log; D = 1.
+        a_log = jnp.log(jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (e, d_state)))
+        self.A_log = nnx.Param(a_log.astype(param_dtype), sharding=("mlp", None))
+        self.D = nnx.Param(jnp.ones((e,), param_dtype), sharding=("mlp",))
+        self.out_proj = dense(e, d_model, ("mlp", "embed"), scale=out_scale, **kw)
+
+    # ---- pieces shared by the full forward and the cached step -----------------------------------------
+    def _A(self):
+        return -jnp.exp(self.A_log[...].astype(acc_dtype(self.A_log[...].dtype)))
+
+    def _mix(self, u_BxKxD, window_BxWxE, h0_BxExN):
+        """Returns the output and the per-token scan inputs needed to replay the state."""
+        e, n, r = self.d_inner, self.d_state, self.dt_rank
+        xz = self.in_proj(u_BxKxD)
+        xraw_BxKxE, z_BxKxE = xz[..., :e], xz[..., e:]
+        xc_BxKxE = jax.nn.silu(causal_conv(window_BxWxE, xraw_BxKxE, self.conv_kernel[...], self.conv_bias[...]))
+        proj = self.x_proj(xc_BxKxE.astype(self.dtype))
+        acc = xc_BxKxE.dtype
+        delta_BxKxR, B_BxKxN, C_BxKxN = proj[..., :r], proj[..., r:r + n], proj[..., r + n:]
+        dt_BxKxE = jax.nn.softplus(self.dt_proj(delta_BxKxR.astype(acc)).astype(acc))
+        B_BxKxN, C_BxKxN = B_BxKxN.astype(acc), C_BxKxN.astype(acc)
+        y_BxKxE, h = selective_scan(xc_BxKxE, dt_BxKxE, self._A(), B_BxKxN, C_BxKxN, h0_BxExN,
+                                    chunk=self.scan_chunk)
+        y_BxKxE = y_BxKxE + self.D[...].astype(acc) * xc_BxKxE
+        y_BxKxE = y_BxKxE * jax.nn.silu(z_BxKxE.astype(acc))
+        out = self.out_proj(y_BxKxE.astype(self.dtype))
+        pending = {"x": xc_BxKxE, "dt": dt_BxKxE, "B": B_BxKxN, "xraw": xraw_BxKxE}
+        return out, h, pending
+
+    def __call__(self, u_BxLxD):
+        b = u_BxLxD.shape[0]
+        window = jnp.zeros((b, self.d_conv - 1, self.d_inner), self.dtype)
+        h0 = jnp.zeros((b, self.d_inner, self.d_state), acc_dtype(self.dtype))
+        return self._mix(u_BxLxD, window, h0)[0]
+
+    # ---- decode cache: conv window + SSM state; extend keeps the inputs, commit replays n of them --------
+    def init_cache(self, batch: int) -> dict:
+        return {"conv": jnp.zeros((batch, self.d_conv - 1, self.d_inner), self.dtype),
+                "ssm": jnp.zeros((batch, self.d_inner, self.d_state), acc_dtype(self.dtype))}
+
+    def extend(self, u_BxKxD, cache):
+        """Output for K new tokens; the committed cache is left as it was, the replay inputs are returned."""
+        out, _, pending = self._mix(u_BxKxD, cache["conv"], cache["ssm"])
+        return out, pending
+
+    def commit(self, cache, pending, n_B):
+        """State after exactly the first n_B pending tokens of each row (masked re-scan: dt = 0 is a no-op)."""
+        k = pending["dt"].shape[1]
+        keep_BxK = jnp.arange(k)[None, :] < n_B[:, None]
+        dt = jnp.where(keep_BxK[..., None], pending["dt"], 0.0)
+        _, h = selective_scan(pending["x"], dt, self._A(), pending["B"], None, cache["ssm"],
+                              chunk=self.scan_chunk, want_y=False)
+        # The conv window is re-sliced at n too (forgetting it is a known cause of drift after rollback).
+        full = jnp.concatenate([cache["conv"], pending["xraw"].astype(cache["conv"].dtype)], axis=1)
+        w = self.d_conv - 1
+        conv = jax.vmap(lambda f, s: jax.lax.dynamic_slice_in_dim(f, s, w, axis=0))(full, n_B)
+        return {"conv": conv, "ssm": h.astype(cache["ssm"].dtype)}
+
+
+def _uniform_init(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
+    def init(key, shape, dtype=jnp.float32):
+        u = jax.random.uniform(key, shape, jnp.float32)
+        dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        return inverse_softplus(jnp.maximum(dt, floor)).astype(dtype)
+    return init

@@ -1,0 +1,88 @@
+"""Device mesh over (data, fsdp, tensor) and the one table mapping logical parameter axes to mesh axes.
+
+Sharding is a data change: edit RULES (or the [mesh] section), not model code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from train.config import ConfigError, MeshConfig
+
+AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of axes, or None for replicated)
+RULES: dict[str, object] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "inner": "tensor",  # Mamba's expanded channels
+    "vocab": None,  # 259 byte ids do not split evenly; the head is small
+    "state": None,
+    "conv": None,
+    "dt_rank": None,
+}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh sizes must be positive with at most one -1; got {dict(zip(AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(f"mesh {dict(zip(AXES, sizes))} does not divide {n_devices} devices")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices; {n_devices} available")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(cfg, len(devices))
+    # Recent JAX defaults to Explicit axes; this code relies on the compiler propagating shardings (Auto).
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _mesh_axes(logical, dim: int, mesh) -> object:
+    target = RULES.get(logical) if logical is not None else None
+    if target is None:
+        return None
+    names = target if isinstance(target, tuple) else (target,)
+    names = tuple(n for n in names if mesh.shape[n] > 1)
+    size = math.prod(mesh.shape[n] for n in names)
+    if not names or dim % size:
+        return None  # replicate a dimension that does not split evenly
+    return names if len(names) > 1 else names[0]
+
+
+def logical_to_sharding(logical_spec, shape, mesh) -> NamedSharding:
+    if logical_spec is None:
+        return NamedSharding(mesh, P())
+    spec = tuple(_mesh_axes(ax, d, mesh) for ax, d in zip(tuple(logical_spec), shape))
+    return NamedSharding(mesh, P(*spec))
+
+
+def param_shardings(model: nnx.Module, mesh) -> dict:
+    """NamedShardings for the pure-dict parameter tree, from each Param's logical axis names."""
+    state = nnx.state(model, nnx.Param)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    shapes = nnx.to_pure_dict(state)
+    return jax.tree.map(lambda s, x: logical_to_sharding(s, x.shape, mesh), specs, shapes,
+                        is_leaf=lambda s: s is None or isinstance(s, P))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Batch rows split over data x fsdp (the loop checks that the global batch divides evenly)."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def batch_shards(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
