@@ -33,7 +33,7 @@ def dense(d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs, dtype, param_dt
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding=("embed",))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",))
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)

@@ -101,7 +101,7 @@ class Trainer:
             (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
             updates, opt_state = self.tx.update(grads, state["opt"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-            metrics = {"loss": ce, "total_loss": loss, "grad_norm": optax.global_norm(grads),
+            metrics = {"loss": ce, "total_loss": loss, "grad_norm": optax.tree.norm(grads),
                        **{k: v for k, v in aux.items()}}
             return {"params": params, "opt": opt_state, "step": state["step"] + 1}, metrics
 

@@ -1,0 +1,92 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.decoder import DecoderConfig, DecoderLM
+from models.layers import rope
+
+CFG = DecoderConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_block=16)
+
+
+def _model(cfg=CFG):
+    return DecoderLM(cfg, rngs=nnx.Rngs(0))
+
+
+def _tokens(b, l, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (b, l)), jnp.int32)
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    m = _model()
+    x = _tokens(2, 24)
+    base, _ = m(x)
+    for t in (0, 7, 22):
+        y = x.at[:, t + 1:].set((x[:, t + 1:] + 1) % 256)
+        out, _ = m(y)
+        np.testing.assert_array_equal(np.asarray(out[:, :t + 1]), np.asarray(base[:, :t + 1]))
+        assert not np.allclose(out[:, t + 1:], base[:, t + 1:])
+
+
+def test_prefix_lm_mask():
+    m = _model()
+    x = _tokens(2, 20)
+    prefix = jnp.array([8, 12], jnp.int32)
+    base, _ = m(x, prefix)
+    for row, p in enumerate([8, 12]):
+        # prefix positions depend on later prefix tokens (bidirectional) ...
+        y = x.at[row, p - 1].set((x[row, p - 1] + 1) % 256)
+        out, _ = m(y, prefix)
+        assert not np.allclose(out[row, 0], base[row, 0])
+        # ... but never on target tokens
+        for t in range(p, 20):
+            y = x.at[row, t:].set((x[row, t:] + 3) % 256)
+            out, _ = m(y, prefix)
+            np.testing.assert_array_equal(np.asarray(out[row, :t]), np.asarray(base[row, :t]))
+    # other rows are independent
+    y = x.at[1].set((x[1] + 5) % 256)
+    out, _ = m(y, prefix)
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(base[0]))
+
+
+def test_causal_and_prefix_agree_on_targets_when_prefix_is_one():
+    m = _model()
+    x = _tokens(1, 16)
+    a, _ = m(x)
+    b, _ = m(x, jnp.array([1], jnp.int32))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_rope_is_relative():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+    def score(i, j):
+        return float(jnp.sum(rope(q, jnp.array([[i]])) * rope(k, jnp.array([[j]]))))
+    assert abs(score(5, 3) - score(105, 103)) < 1e-4
+    assert abs(score(5, 3) - score(5, 4)) > 1e-3
+
+
+def test_extend_and_commit_match_full_forward():
+    m = _model()
+    x = _tokens(2, 40)
+    full, _ = m(x)
+    cache = m.init_cache(2, 64)
+    logits, cache = m.extend(x[:, :13], cache)
+    cache = m.commit(cache, jnp.array([13, 13]))
+    outs = [logits]
+    for t in range(13, 40):
+        lg, cache = m.extend(x[:, t:t + 1], cache)
+        cache = m.commit(cache, jnp.array([1, 1]))
+        outs.append(lg)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-5, rtol=0)
+
+
+def test_bf16_compute_runs_and_stays_close():
+    m32 = _model()
+    m16 = DecoderLM(DecoderConfig(**{**CFG.__dict__, "dtype": "bfloat16"}), rngs=nnx.Rngs(0))
+    x = _tokens(1, 16)
+    a, _ = m32(x)
+    b, _ = m16(x)
+    assert b.dtype == jnp.float32
+    assert float(jnp.mean(jnp.abs(jax.nn.softmax(a) - jax.nn.softmax(b)))) < 5e-3
