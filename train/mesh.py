@@ -39,7 +39,7 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
         if n_devices % known:
             raise ConfigError(f"mesh {dict(zip(AXES, sizes))} does not divide {n_devices} devices")
         sizes[sizes.index(-1)] = n_devices // known
-    if math.prod(sizes) != n_devices:
+    if math.prod(sizes) > n_devices:
         raise ConfigError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices; {n_devices} available")
     return tuple(sizes)
 
@@ -47,6 +47,10 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
+    if math.prod(shape) < len(devices):
+        if jax.process_count() > 1:
+            raise ConfigError(f"mesh {dict(zip(AXES, shape))} must span all {len(devices)} devices on multi-host")
+        devices = devices[:math.prod(shape)]  # an explicit smaller mesh uses the first devices
     # Recent JAX defaults to Explicit axes; this code relies on the compiler propagating shardings (Auto).
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
