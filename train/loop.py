@@ -277,6 +277,7 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
         mngr.close()
         metrics_f.close()
     summary.update({"final_step": end, "loss": last.get("loss"), "wall_s": round(time.perf_counter() - t_start, 2)})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
