@@ -78,7 +78,9 @@ def test_batches_depend_only_on_seed_step_process():
     assert np.array_equal(a, get_batch(tokens, seed=1, step=5, **kw))
     assert not np.array_equal(a, get_batch(tokens, seed=1, step=6, **kw))
     assert not np.array_equal(a, get_batch(tokens, seed=2, step=5, **kw))
-    assert not np.array_equal(a, get_batch(tokens, seed=1, step=5, process_index=1, **kw))
+    # a process reads its own rows of the same global batch
+    halves = [get_batch(tokens, seed=1, step=5, process_index=i, process_count=2, **kw) for i in range(2)]
+    assert np.array_equal(np.concatenate(halves), a) and not np.array_equal(halves[0], halves[1])
     assert a.shape == (8, 65) and np.all(np.diff(a, axis=1) == 1)  # contiguous windows
     p = prefix_lengths(seed=1, step=5, batch_size=8, seq_len=64)
     assert np.array_equal(p, prefix_lengths(seed=1, step=5, batch_size=8, seq_len=64))

@@ -49,3 +49,33 @@ def test_sharded_training_matches_single_device(tmp_path):
     b = [json.loads(x)["loss"] for x in runs["dp_fsdp_tp"]["lines"]]
     np.testing.assert_allclose(a, b, rtol=2e-5)
     assert abs(runs["single"]["val_bpb"] - runs["dp_fsdp_tp"]["val_bpb"]) < 1e-4
+
+
+def test_two_processes_on_localhost_match_one_process(tmp_path):
+    """Multi-host path: jax.distributed over two local processes x 4 devices, each reading its batch shard."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from train.config import dumps
+
+    raw = _raw(tmp_path, steps=4, eval_every=4, checkpoint_every=4, log_every=1)
+    (tmp_path / "c.toml").write_text(dumps(from_dict(raw, "mh")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": root}
+    procs = [subprocess.Popen([sys.executable, "-m", "train", "c.toml", "--run-dir", "multi",
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    train(from_dict(raw, "mh"), tmp_path / "single", log=lambda *_: None)  # 8 devices, one process
+    a = [json.loads(x)["loss"] for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["loss"] for x in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 4
+    np.testing.assert_allclose(a, b, rtol=2e-5)

@@ -126,26 +126,34 @@ def _tokenize_into(cache: Path, sources, tokenizer, val_fraction: float) -> None
         raise
 
 
-def batch_rng(seed: int, step: int, process_index: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed, step, process_index])
+def _rows(batch_size: int, process_index: int, process_count: int) -> slice:
+    if batch_size % process_count:
+        raise ConfigError(f"data.batch_size {batch_size} must divide by the process count {process_count}")
+    local = batch_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
 
 
 def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, seq_len: int,
-              process_index: int = 0) -> np.ndarray:
-    """Random windows of seq_len+1 tokens; a pure function of (seed, step, process index)."""
+              process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """This process's rows of the global batch of windows (seq_len+1 tokens each).
+
+    The global batch is a pure function of (seed, step), so every topology sees the same data; a process
+    reads only its own rows.
+    """
     n = len(tokens)
     if n < seq_len + 2:
         raise ConfigError(f"corpus split has {n} tokens, fewer than data.seq_len+2 = {seq_len + 2}")
-    rng = batch_rng(seed, step, process_index)
-    starts = rng.integers(0, n - seq_len - 1, size=batch_size)
+    starts = np.random.default_rng([seed, step]).integers(0, n - seq_len - 1, size=batch_size)
+    starts = starts[_rows(batch_size, process_index, process_count)]
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     return np.asarray(tokens[idx], dtype=np.int32)
 
 
-def prefix_lengths(*, seed: int, step: int, batch_size: int, seq_len: int, process_index: int = 0) -> np.ndarray:
+def prefix_lengths(*, seed: int, step: int, batch_size: int, seq_len: int, process_index: int = 0,
+                   process_count: int = 1) -> np.ndarray:
     """Per-row prefix length for the prefix-LM objective, uniform in [1, seq_len-1]."""
-    rng = np.random.default_rng([seed, step, process_index, 1])
-    return rng.integers(1, seq_len, size=batch_size).astype(np.int32)
+    p = np.random.default_rng([seed, step, 1]).integers(1, seq_len, size=batch_size).astype(np.int32)
+    return p[_rows(batch_size, process_index, process_count)]
 
 
 def eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, n_batches: int) -> list[np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -180,8 +181,12 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
              "step": jnp.zeros((), jnp.int32)}
 
     # Only now, with the config, corpus and model known good, does the run directory get written.
+    lead = jax.process_index() == 0
+    if not lead:
+        log = lambda *_: None  # noqa: E731  (one process speaks and writes the run's text files)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.toml")
+    if lead:
+        save_config(cfg, run_dir / "config.toml")
     mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
     start = 0
     if resuming and mngr.latest_step() is not None:
@@ -192,15 +197,14 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
 
     log(f"{cfg.name}: {cfg.model.arch}, {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
         f"{len(corpus.train) / 1e6:.1f}M train / {len(corpus.val) / 1e6:.2f}M val tokens, steps {start}->{end}")
-    metrics_f = open(run_dir / "metrics.jsonl", "a")
+    metrics_f = open(run_dir / "metrics.jsonl" if lead else os.devnull, "a")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     schedule = lr_schedule(cfg.train)
     data_sh = batch_sharding(mesh)
-    local_b = cfg.data.batch_size // jax.process_count()
 
     def device_batch(step):
-        kw = dict(seed=cfg.train.seed, step=step, batch_size=local_b, seq_len=cfg.data.seq_len,
-                  process_index=jax.process_index())
+        kw = dict(seed=cfg.train.seed, step=step, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
+                  process_index=jax.process_index(), process_count=jax.process_count())
         toks = get_batch(corpus.train, **kw)
         pre = prefix_lengths(**kw)
         if jax.process_count() == 1:
@@ -277,7 +281,8 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
         mngr.close()
         metrics_f.close()
     summary.update({"final_step": end, "loss": last.get("loss"), "wall_s": round(time.perf_counter() - t_start, 2)})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if lead:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -289,10 +294,16 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--run-dir", default=None, help="default: runs/<config name>")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (multi-host; coordinator from the environment)")
+                   help="multi-host: call jax.distributed.initialize() (auto-detected on TPU/SLURM, or give the "
+                        "three options below)")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     args = p.parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()
+    if args.distributed or args.coordinator:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or Path("runs") / cfg.name)
