@@ -51,6 +51,7 @@ class SambaConfig:
     dt_min: float = 1e-3
     dt_max: float = 0.1
     scan_chunk: int = 64  # selective-scan chunk: memory holds (B, chunk, E, N), not (B, L, E, N)
+    scan_inner: str = "auto"  # scan inside a chunk: "assoc", "seq", or "auto" (seq on CPU, assoc elsewhere)
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
@@ -81,6 +82,8 @@ class SambaConfig:
             raise ValueError(f"head_dim must be even for RoPE; got {self.hd}")
         if not 0.0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max; got {self.dt_min}, {self.dt_max}")
+        if self.scan_inner not in ("auto", "assoc", "seq"):
+            raise ValueError(f"scan_inner must be 'auto', 'assoc' or 'seq'; got {self.scan_inner!r}")
         dtype_of(self.dtype), dtype_of(self.param_dtype)
 
 
@@ -166,7 +169,7 @@ class SambaBlock(nnx.Module):
         if kind == "mamba":
             self.mixer = Mamba(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
                                dt_rank=cfg.dt_rank, dt_min=cfg.dt_min, dt_max=cfg.dt_max, scan_chunk=cfg.scan_chunk,
-                               rngs=rngs, dtype=dt, param_dtype=pdt, out_scale=out_scale)
+                               scan_inner=cfg.scan_inner, rngs=rngs, dtype=dt, param_dtype=pdt, out_scale=out_scale)
         else:
             self.mixer = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, rope_base=cfg.rope_base,
                                    rngs=rngs, dtype=dt, param_dtype=pdt, out_scale=out_scale)

@@ -1,0 +1,136 @@
+"""Generate text from a trained run.
+
+    python -m decode RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T --top-k K --top-p P]
+        [--seed S --step STEP]
+    python -m decode RUN_DIR --prompts FILE.jsonl [--out FILE.jsonl] [--batch-size B] [...]
+
+--prompt streams the completion to stdout as it is generated: the jitted loop runs in chunks of
+--chunk steps and resumes without recompiling, and bytes are decoded incrementally so that a character cut
+between chunks prints whole. --prompts reads JSONL objects with "id" and "prompt" (or "tokens", a list of
+ids), decodes them in batches of --batch-size (the last batch is padded, so it reuses the compiled loop)
+and writes JSONL lines with id, prompt, completion, tokens and tokens_per_s (the batch's generated tokens
+over its wall time). Sampling defaults come from the run's [decode] config. Errors in the run directory,
+the prompts file or the request end with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+import time
+
+
+def _decoder(tok):
+    """Incremental text decoding of ids, so a multi-byte character split across chunks prints whole."""
+    if hasattr(tok, "decode_bytes"):
+        inc = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda ids, final=False: inc.decode(tok.decode_bytes(ids), final)
+    return lambda ids, final=False: tok.decode(ids)
+
+
+def sampling_args(args, cfg) -> dict:
+    d = cfg.decode
+    return dict(max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
+                temperature=args.temperature if args.temperature is not None else d.temperature,
+                top_k=args.top_k if args.top_k is not None else d.top_k,
+                top_p=args.top_p if args.top_p is not None else d.top_p, seed=args.seed)
+
+
+def stream_one(engine, tok, text: str, kw: dict, chunk: int) -> None:
+    timing: dict = {}
+    dec = _decoder(tok)
+    n = 0
+    for new in engine.stream([tok.encode(text)], chunk=chunk, timing=timing, **kw):
+        n += len(new[0])
+        sys.stdout.write(dec(new[0]))
+        sys.stdout.flush()
+    sys.stdout.write(dec([], True) + "\n")
+    secs = timing["prefill_s"] + timing["decode_s"]
+    print(f"[{n} tokens in {secs:.2f} s, {n / secs:.1f} tokens/s; prefill {1e3 * timing['prefill_s']:.0f} ms, "
+          f"includes compilation]", file=sys.stderr)
+
+
+def encode_all(engine, tok, items: list[dict], max_new_tokens: int) -> list:
+    """Token ids of every prompt, all checked before any decoding starts."""
+    from decode.engine import InputError
+
+    ids = []
+    for it in items:
+        try:
+            ids.append(engine.check_prompt(it["tokens"] if "tokens" in it else tok.encode(it["prompt"]),
+                                           max_new_tokens))
+        except InputError as e:
+            raise InputError(f"prompt id {it['id']!r}: {e}") from None
+    return ids
+
+
+def run_file(engine, tok, items: list[dict], kw: dict, batch_size: int, out) -> None:
+    all_ids = encode_all(engine, tok, items, kw["max_new_tokens"])
+    total, secs = 0, 0.0
+    for i in range(0, len(items), batch_size):
+        batch, ids = items[i:i + batch_size], all_ids[i:i + batch_size]
+        t0 = time.perf_counter()
+        res = engine.generate(ids, batch_size=batch_size, **kw)
+        dt = time.perf_counter() - t0
+        n = res.n_tokens
+        total, secs = total + n, secs + dt
+        for it, toks in zip(batch, res.tokens):
+            prompt = it["prompt"] if "prompt" in it else tok.decode(it["tokens"])
+            out.write(json.dumps({"id": it["id"], "prompt": prompt, "completion": tok.decode(toks),
+                                  "tokens": toks.tolist(), "tokens_per_s": n / dt}, ensure_ascii=False) + "\n")
+        out.flush()
+        print(f"[batch {i // batch_size + 1}/{-(-len(items) // batch_size)}: {n} tokens, {n / dt:.1f} tokens/s]",
+              file=sys.stderr)
+    print(f"[{len(items)} prompts, {total} tokens, {total / secs:.1f} tokens/s]", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m decode", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text to continue (streamed to stdout)")
+    src.add_argument("--prompts", help="JSONL file of {id, prompt}")
+    ap.add_argument("--out", help="JSONL output for --prompts (default: stdout)")
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=16, help="loop steps between streamed prints")
+    args = ap.parse_args(argv)
+
+    from pathlib import Path
+
+    from decode.engine import InputError, engine_for_run
+    from decode.prompts import UsageError, read_prompts
+    from train.config import ConfigError
+
+    try:
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
+        if not Path(args.run_dir).is_dir():
+            raise UsageError(f"no such run directory: {args.run_dir}")
+        items = read_prompts(args.prompts) if args.prompts else None
+        cfg, tok, engine = engine_for_run(args.run_dir, step=args.step)
+        kw = sampling_args(args, cfg)
+        if items is None:
+            stream_one(engine, tok, args.prompt, kw, args.chunk)
+        else:
+            out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+            try:
+                run_file(engine, tok, items, kw, args.batch_size, out)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+    except (UsageError, ConfigError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Model-free drafters for speculative decoding, one instance per batch row.
+
+Protocol (the engine calls, per row):
+- `reset(prompt_tokens)` at the start of a request;
+- `draft(k)` -> int32 array of 0..k tokens proposed to follow everything accepted so far;
+- `accept(tokens)` with the tokens that became final this step (accepted draft tokens AND the bonus
+  token), so after it the drafter's state covers all final output; rejected tokens never arrive;
+- `observe(inputs, topk)` with the verified positions' input ids [n] and the model's top-k next-token
+  ids there [n, k] (best first); only Token Recycling uses it.
+
+Draft length is the drafter's call: it grows with the match length, which predicts acceptance. The
+DraftPolicy defaults suit CPU, where verifying 8 tokens costs about twice verifying 1; accelerators can
+raise `alpha` and `max_len` (SAM-Decoding used chains of up to 40).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from decode.sam import Cursor, DynamicMatcher, SuffixAutomaton
+
+_EMPTY = np.zeros(0, np.int32)
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    # Draft length for a match of length L: clip(floor(alpha * L), min_len, max_len), and at most k.
+    alpha: float = 0.5
+    min_len: int = 1
+    max_len: int = 8
+    # SAM-Decoding's selection rule: the static match is lowered by l_bias; the longer of the two must
+    # reach l_threshold, ties go to the dynamic automaton; otherwise the auxiliary drafter runs.
+    l_threshold: int = 5
+    l_bias: int = 5
+    # Prompt lookup: longest n-gram tried; matches are then extended backwards up to max_match to size
+    # the draft.
+    max_ngram: int = 3
+    max_match: int = 64
+    # Token Recycling: successors kept per token and the length of its greedy chain.
+    recycle_k: int = 8
+    aux_len: int = 3
+
+    def __post_init__(self):
+        if self.alpha <= 0 or self.min_len < 1 or self.max_len < self.min_len:
+            raise ValueError(f"draft policy needs alpha > 0 and 1 <= min_len <= max_len; got alpha={self.alpha}, "
+                             f"min_len={self.min_len}, max_len={self.max_len}")
+        if self.max_ngram < 1 or self.recycle_k < 1 or self.aux_len < 0 or self.l_threshold < 1:
+            raise ValueError("draft policy needs max_ngram >= 1, recycle_k >= 1, aux_len >= 0, l_threshold >= 1")
+
+    def size(self, match_len: int, k: int) -> int:
+        if match_len <= 0 or k <= 0:
+            return 0
+        return int(min(k, self.max_len, max(self.min_len, int(self.alpha * match_len))))
+
+
+class Drafter:
+    """Proposes nothing; the base of the others."""
+
+    name = "none"
+
+    def __init__(self, policy: DraftPolicy | None = None):
+        self.policy = policy or DraftPolicy()
+        self.last_match_len = 0
+        self.last_source = "none"
+
+    def reset(self, prompt_tokens: np.ndarray) -> None:
+        self.last_match_len = 0
+        self.last_source = "none"
+
+    def draft(self, k: int) -> np.ndarray:
+        self.last_match_len = 0
+        self.last_source = "none"
+        return _EMPTY
+
+    def accept(self, tokens: np.ndarray) -> None:
+        pass
+
+    def observe(self, inputs: np.ndarray, topk: np.ndarray) -> None:
+        pass
+
+
+class _Context:
+    """Prompt + accepted tokens in a growing int32 buffer."""
+
+    def __init__(self, capacity: int = 4096):
+        self.buf = np.zeros(capacity, np.int32)
+        self.n = 0
+
+    def reset(self, tokens) -> None:
+        self.n = 0
+        self.append(tokens)
+
+    def append(self, tokens) -> None:
+        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        m = tokens.shape[0]
+        if self.n + m > self.buf.shape[0]:
+            buf = np.zeros(max(2 * self.buf.shape[0], self.n + m), np.int32)
+            buf[: self.n] = self.buf[: self.n]
+            self.buf = buf
+        self.buf[self.n: self.n + m] = tokens
+        self.n += m
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.buf[: self.n]
+
+    @property
+    def last(self) -> int:
+        return int(self.buf[self.n - 1]) if self.n else -1
+
+
+@numba.njit(cache=True)
+def _prompt_lookup(ctx, n, max_ngram, max_match):
+    """(match length, start of the continuation) for the most recent earlier occurrence of the last
+    g tokens, g = max_ngram..1; the match is then extended backwards (up to max_match) to size the draft."""
+    for g in range(min(max_ngram, n - 1), 0, -1):
+        for i in range(n - g - 1, -1, -1):  # i + g <= n - 1: at least one token follows
+            ok = True
+            for j in range(g):
+                if ctx[i + j] != ctx[n - g + j]:
+                    ok = False
+                    break
+            if ok:
+                length = g
+                while length < max_match and i - (length - g) - 1 >= 0 and \
+                        ctx[i - (length - g) - 1] == ctx[n - length - 1]:
+                    length += 1
+                return length, i + g
+    return 0, 0
+
+
+class PromptLookupDrafter(Drafter):
+    """PLD: copy what followed the most recent earlier occurrence of the last max_ngram..1 tokens."""
+
+    name = "pld"
+
+    def __init__(self, policy: DraftPolicy | None = None):
+        super().__init__(policy)
+        self.ctx = _Context()
+
+    def reset(self, prompt_tokens: np.ndarray) -> None:
+        super().reset(prompt_tokens)
+        self.ctx.reset(prompt_tokens)
+
+    def accept(self, tokens: np.ndarray) -> None:
+        self.ctx.append(tokens)
+
+    def draft(self, k: int) -> np.ndarray:
+        p = self.policy
+        length, start = _prompt_lookup(self.ctx.buf, self.ctx.n, p.max_ngram, p.max_match)
+        self.last_match_len = int(length)
+        n = p.size(length, k)
+        self.last_source = "context" if n else "none"
+        if n == 0:
+            return _EMPTY
+        return self.ctx.buf[start: min(start + n, self.ctx.n)].copy()
+
+
+class RecycleTable:
+    """Token Recycling's adjacency table: each token's top-k successors from the latest verification
+    logits that saw it. Reset per request: a table carried over from another request drafts stale
+    continuations (the original implementation never resets it)."""
+
+    def __init__(self, vocab_size: int, k: int = 8):
+        self.succ = np.full((int(vocab_size), int(k)), -1, np.int32)
+
+    def reset(self) -> None:
+        self.succ.fill(-1)
+
+    def update(self, inputs: np.ndarray, topk: np.ndarray) -> None:
+        inputs = np.asarray(inputs, dtype=np.int64).reshape(-1)
+        topk = np.asarray(topk).reshape(inputs.shape[0], -1)
+        if inputs.shape[0] == 0:
+            return
+        keep = (inputs >= 0) & (inputs < self.succ.shape[0])
+        kk = min(topk.shape[1], self.succ.shape[1])
+        # Rows repeat when a token recurs; numpy's fancy assignment keeps the last (most recent) one.
+        self.succ[inputs[keep], :kk] = topk[keep, :kk]
+
+    def chain(self, start: int, n: int) -> np.ndarray:
+        """Greedy point-mass chain succ[start][0], succ[that][0], ... stopping at an unknown token."""
+        out = np.empty(max(n, 0), np.int32)
+        t, m = int(start), 0
+        succ = self.succ
+        while m < n and 0 <= t < succ.shape[0]:
+            t = int(succ[t, 0])
+            if t < 0:
+                break
+            out[m] = t
+            m += 1
+        return out[:m]
+
+
+class RecycleDrafter(Drafter):
+    """Token Recycling alone: a greedy chain from the last final token."""
+
+    name = "recycle"
+
+    def __init__(self, vocab_size: int, policy: DraftPolicy | None = None):
+        super().__init__(policy)
+        self.table = RecycleTable(vocab_size, self.policy.recycle_k)
+        self._last = -1
+
+    def reset(self, prompt_tokens: np.ndarray) -> None:
+        super().reset(prompt_tokens)
+        self.table.reset()
+        prompt_tokens = np.asarray(prompt_tokens).reshape(-1)
+        self._last = int(prompt_tokens[-1]) if prompt_tokens.shape[0] else -1
+
+    def accept(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens).reshape(-1)
+        if tokens.shape[0]:
+            self._last = int(tokens[-1])
+
+    def observe(self, inputs: np.ndarray, topk: np.ndarray) -> None:
+        self.table.update(inputs, topk)
+
+    def draft(self, k: int) -> np.ndarray:
+        self.last_match_len = 0
+        out = self.table.chain(self._last, min(k, self.policy.aux_len))
+        self.last_source = "recycle" if out.shape[0] else "none"
+        return out
+
+
+class SAMDrafter(Drafter):
+    """SAM-Decoding: a static automaton over the training corpus (optional) and a dynamic one over the
+    request; the better match (static lowered by l_bias, ties to dynamic) drafts its continuation when it
+    reaches l_threshold, otherwise the auxiliary drafter (if any) does."""
+
+    name = "sam"
+
+    def __init__(self, static_sam: SuffixAutomaton | None = None, policy: DraftPolicy | None = None,
+                 aux: Drafter | None = None):
+        super().__init__(policy)
+        self.static = static_sam
+        self.static_cursor: Cursor | None = static_sam.cursor() if static_sam is not None else None
+        self.dynamic = DynamicMatcher()
+        self.aux = aux
+
+    def reset(self, prompt_tokens: np.ndarray) -> None:
+        super().reset(prompt_tokens)
+        self.dynamic.reset(prompt_tokens)
+        if self.static_cursor is not None:
+            self.static_cursor.reset()
+            self.static_cursor.advance_many(prompt_tokens)
+        if self.aux is not None:
+            self.aux.reset(prompt_tokens)
+
+    def accept(self, tokens: np.ndarray) -> None:
+        self.dynamic.commit(tokens)
+        if self.static_cursor is not None:
+            self.static_cursor.advance_many(tokens)
+        if self.aux is not None:
+            self.aux.accept(tokens)
+
+    def observe(self, inputs: np.ndarray, topk: np.ndarray) -> None:
+        if self.aux is not None:
+            self.aux.observe(inputs, topk)
+
+    def matches(self) -> tuple[int, int]:
+        """(dynamic match length, static match length) for the text accepted so far."""
+        l_static = self.static_cursor.length if self.static_cursor is not None else 0
+        return self.dynamic.cursor.length, l_static
+
+    def draft(self, k: int) -> np.ndarray:
+        p = self.policy
+        l_dyn, l_static = self.matches()
+        l_static_eff = l_static - p.l_bias
+        if max(l_dyn, l_static_eff) >= p.l_threshold:
+            if l_dyn >= l_static_eff:
+                n = p.size(l_dyn, k)
+                end = self.dynamic.cursor.anchor(n)
+                out = self.dynamic.continuation(end, n)
+                self.last_match_len, self.last_source = l_dyn, "dynamic"
+            else:
+                n = p.size(l_static_eff, k)
+                _, end = self.static_cursor.match
+                out = self.static.continuation(end, n)
+                self.last_match_len, self.last_source = l_static, "static"
+            return out
+        self.last_match_len = max(l_dyn, l_static_eff, 0)
+        if self.aux is not None:
+            out = self.aux.draft(k)
+            self.last_source = self.aux.last_source
+            return out
+        self.last_source = "none"
+        return _EMPTY
+
+
+DRAFTERS = ("none", "pld", "recycle", "sam", "sam+recycle")
+
+
+def make_drafter(name: str, *, vocab_size: int, static_sam: SuffixAutomaton | None = None,
+                 **policy) -> Drafter:
+    """A fresh per-row drafter. `policy` overrides DraftPolicy fields (e.g. alpha=4, max_len=40 on an
+    accelerator)."""
+    fields = {f.name for f in dataclasses.fields(DraftPolicy)}
+    unknown = sorted(set(policy) - fields)
+    if unknown:
+        raise ValueError(f"unknown draft policy key {unknown[0]!r}; valid: {', '.join(sorted(fields))}")
+    pol = DraftPolicy(**policy)
+    if name == "none":
+        return Drafter(pol)
+    if name == "pld":
+        return PromptLookupDrafter(pol)
+    if name == "recycle":
+        return RecycleDrafter(vocab_size, pol)
+    if name == "sam":
+        return SAMDrafter(static_sam, pol)
+    if name == "sam+recycle":
+        return SAMDrafter(static_sam, pol, aux=RecycleDrafter(vocab_size, pol))
+    raise ValueError(f"unknown drafter {name!r}; valid: {', '.join(DRAFTERS)}")

@@ -1,0 +1,144 @@
+"""Decoding evaluation: tokens/s, MAT and speedup of a drafter against plain decoding on the same prompts.
+
+    python -m decode.eval RUN_DIR --prompts FILE.jsonl --drafter {none,pld,recycle,sam,sam+recycle}
+        --out report.json [--max-new-tokens N --batch-size B --sam DIR --step S --temperature T ...]
+
+A speculative drafter is compared with plain decoding (`none`) run in the same process on the same prompts,
+both after compiling every function they use, so that compilation is in neither timing. At temperature 0
+the speculative outputs must equal the plain ones; the report says whether they did (`matches_plain`).
+The static automaton of the `sam` drafters is read from --sam (default RUN_DIR/sam) and refused unless it
+was built from this run's corpus and tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def static_automaton(sam_dir: Path, cfg, tok):
+    from decode.prompts import UsageError
+    from decode.sam import SuffixAutomaton
+    from train.data import Corpus
+
+    if not (sam_dir / "header.json").is_file():  # before opening (maybe tokenizing) the corpus
+        raise UsageError(f"no suffix automaton at {sam_dir} (build one with: python -m decode.build_sam RUN_DIR "
+                         f"--out {sam_dir})")
+    corpus_hash = Corpus.open(cfg.data, tok).key
+    try:
+        return SuffixAutomaton.load(sam_dir, tokenizer=tok.name, corpus_hash=corpus_hash)
+    except ValueError as e:
+        raise UsageError(f"{e} (build one with: python -m decode.build_sam RUN_DIR --out {sam_dir})") from None
+
+
+def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int, make=None, label: str = "") -> dict:
+    """Decode all prompts in padded batches; returns per-prompt tokens and steps and the summed timings.
+
+    Prompt i samples with seed + i whatever its batch, so runs with different drafters are comparable.
+    """
+    tokens, steps = [], []
+    secs = draft_s = 0.0
+    calls = 0
+    n_batches = -(-len(ids) // batch_size)
+    for b in range(n_batches):
+        batch = ids[b * batch_size:(b + 1) * batch_size]
+        seeds = [seed + b * batch_size + i for i in range(len(batch))]
+        if drafter == "none":
+            res = engine.generate(batch, batch_size=batch_size, seed=seeds, **kw)
+        else:
+            res = engine.generate_speculative(batch, [make() for _ in batch], batch_size=batch_size, seed=seeds,
+                                              **kw)
+        tokens += res.tokens
+        steps += res.steps
+        secs += res.seconds
+        draft_s += res.draft_s
+        calls += res.verify_calls
+        n = sum(len(t) for t in tokens)
+        print(f"[eval {label or drafter}] batch {b + 1}/{n_batches}: {n} tokens, {n / secs:.1f} tokens/s, "
+              f"MAT {res.mat:.2f}", file=sys.stderr, flush=True)
+    n = sum(len(t) for t in tokens)
+    after_prefill = sum(max(len(t) - 1, 0) for t in tokens)
+    return {"tokens": tokens, "steps": steps, "seconds": secs, "n_tokens": n, "tokens_per_s": n / secs,
+            "mat": after_prefill / sum(steps) if sum(steps) else 1.0,
+            "draft_us_per_step": 1e6 * draft_s / calls if calls else 0.0, "verify_calls": calls}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m decode.eval", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--drafter", default="none", choices=["none", "pld", "recycle", "sam", "sam+recycle"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--sam", help="static suffix automaton directory (default: RUN_DIR/sam)")
+    ap.add_argument("--step", type=int)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from decode.__main__ import encode_all
+    from decode.drafters import make_drafter
+    from decode.engine import InputError, engine_for_run
+    from decode.prompts import UsageError, read_prompts
+    from train.config import ConfigError
+
+    try:
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
+        if not Path(args.run_dir).is_dir():
+            raise UsageError(f"no such run directory: {args.run_dir}")
+        items = read_prompts(args.prompts)
+        cfg, tok, engine = engine_for_run(args.run_dir, step=args.step)
+        ids = encode_all(engine, tok, items, args.max_new_tokens)
+        sam = None
+        if args.drafter.startswith("sam"):
+            sam = static_automaton(Path(args.sam) if args.sam else Path(args.run_dir) / "sam", cfg, tok)
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p)
+        bs = min(args.batch_size, len(ids))
+        make = lambda: make_drafter(args.drafter, vocab_size=engine.vocab_size, static_sam=sam)  # noqa: E731
+        engine.warmup(bs, max(len(x) for x in ids), speculative=args.drafter != "none")
+        base = run(engine, ids, drafter="none", batch_size=bs, kw=kw, seed=args.seed, label="none")
+        spec = base if args.drafter == "none" else run(engine, ids, drafter=args.drafter, batch_size=bs, kw=kw,
+                                                       seed=args.seed, make=make)
+    except (UsageError, ConfigError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    matches = [a.tolist() == b.tolist() for a, b in zip(base["tokens"], spec["tokens"])]
+    report = {
+        "run_dir": str(args.run_dir), "drafter": args.drafter, "n_prompts": len(items),
+        "max_new_tokens": args.max_new_tokens, "batch_size": bs, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p,
+        "mat": spec["mat"], "tokens_per_s": spec["tokens_per_s"], "n_tokens": spec["n_tokens"],
+        "seconds": spec["seconds"], "draft_us_per_step": spec["draft_us_per_step"],
+        "verify_calls": spec["verify_calls"],
+        "speedup": None if args.drafter == "none" else spec["tokens_per_s"] / base["tokens_per_s"],
+        "baseline": {"tokens_per_s": base["tokens_per_s"], "n_tokens": base["n_tokens"],
+                     "seconds": base["seconds"]},
+        "matches_plain": bool(all(matches)) if args.temperature == 0 else None,
+        "outputs": [{"id": it["id"], "tokens": t.tolist()} for it, t in zip(items, spec["tokens"])],
+        "per_prompt": [{"id": it["id"], "n_tokens": int(len(t)), "steps": int(s),
+                        "mat": (len(t) - 1) / s if s else 1.0, "matches_plain": m}
+                       for it, t, s, m in zip(items, spec["tokens"], spec["steps"], matches)],
+        "compiles": dict(engine.traces),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    sp = f", speedup {report['speedup']:.2f}x" if report["speedup"] else ""
+    print(f"[eval {args.drafter}] {report['n_tokens']} tokens, {report['tokens_per_s']:.1f} tokens/s, "
+          f"MAT {report['mat']:.2f}{sp}, drafting {report['draft_us_per_step']:.0f} us/step -> {args.out}",
+          file=sys.stderr)
+    if args.temperature == 0 and not all(matches):
+        bad = [it["id"] for it, m in zip(items, matches) if not m]
+        print(f"warning: speculative output differs from plain greedy for prompts {bad}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

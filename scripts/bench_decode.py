@@ -1,0 +1,152 @@
+"""Decode benchmark: tokens/s, prefill tokens/s, compile times and the memory roofline of a decode step.
+
+    python scripts/bench_decode.py --out bench_decode.json [--arch decoder | --config FILE.toml]
+        [--dtype float32] [--batch 1 8] [--prompt-len 256] [--new-tokens 128] [--repeats 5]
+
+A decode step at small batch reads every weight once plus the context's cache, so its floor is
+bytes / read bandwidth. The bandwidth is measured in the same run (a jitted sum over a 1 GB array, median
+of several), and `roofline_fraction` = (bytes per step / bandwidth) / measured time per step.
+Bytes per step: all parameters, plus per row the cache entries of the positions in context (cache leaves
+whose axis 1 spans the cache capacity are per-position; other leaves, like recurrent states or a sliding
+window ring, are read whole). Random init; the numbers do not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from decode.engine import Engine  # noqa: E402
+from models.registry import MODEL_CONFIGS, build_model  # noqa: E402
+
+# ~26M parameters at d_model 512, 8 layers, 8 heads, byte vocabulary.
+BENCH_MODEL = {"d_model": 512, "n_layers": 8, "n_heads": 8, "vocab_size": 259}
+
+
+def model_config(args):
+    if args.config:
+        from train.config import load_config
+        cfg = load_config(args.config).model
+    else:
+        cls = MODEL_CONFIGS[args.arch]
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in BENCH_MODEL.items() if k in names})
+    names = {f.name for f in dataclasses.fields(cfg)}
+    upd = {k: args.dtype for k in ("dtype", "param_dtype") if k in names}
+    return dataclasses.replace(cfg, **upd)
+
+
+def read_bandwidth(repeats: int = 7, gib: float = 1.0) -> float:
+    """Bytes/s of a jitted sum over a fresh 1 GiB fp32 array (median of repeats)."""
+    n = int(gib * 2 ** 30) // 4
+    x = jnp.ones((n,), jnp.float32) + 1.0  # materialised, not a broadcast constant
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    del x
+    return n * 4 / float(np.median(times))
+
+
+def step_bytes(engine: Engine, batch: int, mean_context: float) -> tuple[int, int]:
+    """(parameter bytes, cache bytes read per step for the whole batch) at a mean context length."""
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.params))
+    model = nnx.merge(engine.graphdef, engine.params)
+    cache = jax.eval_shape(lambda: model.init_cache(batch, engine.max_len))
+    capacity = model.cache_capacity(engine.max_len)
+    kv = 0.0
+    for leaf in jax.tree.leaves(cache):
+        nbytes = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+        if leaf.ndim >= 2 and leaf.shape[1] == capacity:
+            nbytes *= min(mean_context, capacity) / capacity
+        if leaf.ndim >= 2:  # skip per-row scalars such as lengths
+            kv += nbytes
+    return params, int(kv)
+
+
+def bench_one(engine: Engine, batch: int, prompt_len: int, new: int, repeats: int, bw: float, arch: str, dtype: str):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, size=prompt_len) for _ in range(batch)]
+    kw = dict(max_new_tokens=new, stop_ids=())
+    before = dict(engine.traces)
+    t0 = time.perf_counter()
+    first = engine.generate(prompts, **kw)  # compiles prefill and the loop
+    cold = time.perf_counter() - t0
+    assert engine.traces["generate"] - before.get("generate", 0) <= 1
+    runs = [engine.generate(prompts, **kw) for _ in range(repeats)]
+    prefill = float(np.median([r.prefill_s for r in runs]))
+    decode = float(np.median([r.decode_s for r in runs]))
+    steps = new - 1
+    step_s = decode / steps
+    pbytes, kvbytes = step_bytes(engine, batch, prompt_len + new / 2)
+    floor_s = (pbytes + kvbytes) / bw
+    return {
+        "arch": arch, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new,
+        "tokens_per_s": batch * steps / decode,
+        "prefill_tokens_per_s": batch * prompt_len / prefill,
+        "ms_per_step": 1e3 * step_s,
+        "compile_prefill_s": first.prefill_s - prefill,
+        "compile_generate_s": first.decode_s - decode,
+        "first_call_s": cold,
+        "bytes_per_step": pbytes + kvbytes, "param_bytes": pbytes, "cache_bytes_read": kvbytes,
+        "roofline_ms_per_step": 1e3 * floor_s,
+        "roofline_fraction": floor_s / step_s,
+        "read_gb_per_s": bw / 1e9,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--arch", default="decoder", choices=sorted(MODEL_CONFIGS))
+    ap.add_argument("--config", help="TOML run config; its [model] section replaces --arch and the default size")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    cfg = model_config(args)
+    model = build_model(cfg, seed=0)
+    max_len = args.prompt_len + args.new_tokens + 17  # default verify slack
+    engine = Engine(model, max_len=max_len)
+    n_params = sum(x.size for x in jax.tree.leaves(engine.params))
+    rows = []
+    for b in args.batch:
+        bw = read_bandwidth()
+        rows.append(bench_one(engine, b, args.prompt_len, args.new_tokens, args.repeats, bw, cfg.arch, args.dtype))
+        rows[-1]["params"] = int(n_params)
+    bw_after = read_bandwidth()
+
+    hdr = ("arch", "dtype", "batch", "tokens_per_s", "ms_per_step", "roofline_ms_per_step", "roofline_fraction",
+           "prefill_tokens_per_s", "compile_prefill_s", "compile_generate_s", "read_gb_per_s")
+    print(f"{cfg.arch}: {n_params / 1e6:.1f}M params, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})")
+    print(" | ".join(hdr))
+    for r in rows:
+        print(" | ".join(f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in hdr))
+    out = {"rows": rows, "device": str(jax.devices()[0]), "backend": jax.default_backend(),
+           "read_gb_per_s_end": bw_after / 1e9, "model": dataclasses.asdict(cfg), "argv": sys.argv[1:]}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Suffix-automaton benchmark: static build, memory, memory-mapped load, dynamic extend and lookup costs.
+
+    python scripts/bench_sam.py [--source train|stdlib] [--tokens N] [--out bench.json]
+
+`train` is the default corpus's training split through train.data; `stdlib` is every *.py file of the
+running Python's standard library read directly (about 31.5M byte tokens on 3.11), EOS between files.
+The build and the load each run in a fresh interpreter, so peak RSS and load time are not polluted by
+this process (or by JAX, which train.data pulls in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EOS = 257
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def stdlib_tokens() -> np.ndarray:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts and rel.parts[0] in ("site-packages", "dist-packages") or not path.is_file():
+            continue
+        parts.append(np.frombuffer(path.read_bytes(), np.uint8).astype(np.uint16))
+        parts.append(np.array([EOS], np.uint16))
+    return np.concatenate(parts)
+
+
+def corpus_tokens(source: str) -> tuple[np.ndarray, str]:
+    if source in ("auto", "train"):
+        try:
+            from train.config import DataConfig
+            from train.data import Corpus
+            from train.tokenizer import get_tokenizer
+
+            corpus = Corpus.open(DataConfig(), get_tokenizer("byte"))
+            return np.asarray(corpus.train), "stdlib train split (train.data)"
+        except ImportError:
+            if source == "train":
+                raise
+    return stdlib_tokens(), "stdlib *.py (read directly)"
+
+
+# ------------------------------------------------------------------------------------------- children
+
+def child_build(tokens_path: str, out_dir: str) -> dict:
+    from decode.sam import SuffixAutomaton
+
+    tokens = np.load(tokens_path, mmap_mode="r")
+    SuffixAutomaton.build(tokens[:1000])  # load compiled kernels outside the timing
+    rss0 = rss_bytes()
+    t0, c0 = time.perf_counter(), time.process_time()
+    sam = SuffixAutomaton.build(tokens)
+    build_s, build_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    n = sam.n_tokens
+    res = {"n_tokens": n, "n_states": sam.n_states, "n_edges": sam.n_edges, "build_s": build_s,
+           "build_cpu_s": build_cpu_s, "bytes_per_token": sam.nbytes / n,
+           "resident_bytes_per_token": (rss_bytes() - rss0) / n, "peak_rss_gb": peak_rss_bytes() / 1e9,
+           "array_bytes": {k: int(v.nbytes) for k, v in sam.arrays().items()}}
+    t0 = time.perf_counter()
+    sam.save(out_dir, tokenizer="byte-v1", corpus_hash="bench")
+    res["save_s"] = time.perf_counter() - t0
+    return res
+
+
+def child_load(out_dir: str, tokens_path: str, dyn_tokens: int, n_lookup: int) -> dict:
+    from decode.sam import DynamicMatcher, SuffixAutomaton
+
+    SuffixAutomaton.build(np.arange(100) % 7).longest_suffix_match([1, 2])  # compiled kernels, warm
+    t0 = time.perf_counter()
+    sam = SuffixAutomaton.load(out_dir, tokenizer="byte-v1", corpus_hash="bench")
+    load_s = time.perf_counter() - t0
+    tokens = np.load(tokens_path, mmap_mode="r")
+    rng = np.random.default_rng(0)
+
+    # Static lookup: a cursor advanced one token per Python call over corpus windows (what a drafter does).
+    starts = rng.integers(0, len(tokens) - 1000, 20)
+    stream = np.concatenate([np.asarray(tokens[s:s + n_lookup // 20]) for s in starts]).astype(np.int64)
+    cur = sam.cursor()
+    cur.advance(int(stream[0]))
+    t0 = time.perf_counter()
+    total = 0
+    for t in stream.tolist():
+        total += cur.advance(t)[0]
+    lookup_us = (time.perf_counter() - t0) / len(stream) * 1e6
+    t0 = time.perf_counter()
+    for i in range(0, len(stream), 4):
+        cur.advance_many(stream[i:i + 4])
+    lookup4_us = (time.perf_counter() - t0) / len(stream) * 1e6
+    q = [np.asarray(tokens[s:s + 64]) for s in rng.integers(0, len(tokens) - 64, 2000)]
+    t0 = time.perf_counter()
+    for x in q:
+        sam.longest_suffix_match(x)
+    lsm_us = (time.perf_counter() - t0) / len(q) * 1e6
+
+    # Dynamic: a request of dyn_tokens tokens, a 1000-token prompt then accepts of 1-4 tokens.
+    text = np.asarray(tokens[int(starts[0]): int(starts[0]) + dyn_tokens]).astype(np.int32)
+    chunks = rng.integers(1, 5, dyn_tokens)
+    dm = DynamicMatcher()
+    dm.reset(text[:1000])
+    reps = 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dm.reset(text[:1000])
+        i = 1000
+        for c in chunks:
+            if i >= len(text):
+                break
+            dm.commit(text[i:i + c])
+            dm.match()
+            i += c
+    commit_us = (time.perf_counter() - t0) / (reps * len(text)) * 1e6
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dm.reset(text)
+    prefill_us = (time.perf_counter() - t0) / (reps * len(text)) * 1e6
+    one = SuffixAutomaton()
+    lst = text.tolist()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        one.clear()
+        for t in lst:
+            one.extend(t)
+    extend1_us = (time.perf_counter() - t0) / (reps * len(lst)) * 1e6
+    return {"load_s": load_s, "lookup_us_per_token": lookup_us, "lookup_us_per_token_batch4": lookup4_us,
+            "longest_suffix_match_us_64tok_query": lsm_us, "dyn_commit_us_per_token": commit_us,
+            "dyn_prefill_us_per_token": prefill_us, "dyn_extend1_us_per_token": extend1_us,
+            "mean_static_match_len": total / len(stream)}
+
+
+def run_child(*args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", *map(str, args)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--source", choices=("auto", "train", "stdlib"), default="auto")
+    p.add_argument("--tokens", type=int, default=0, help="index the first N tokens (0: all)")
+    p.add_argument("--dyn-tokens", type=int, default=4000, help="tokens per simulated request")
+    p.add_argument("--lookup-tokens", type=int, default=100_000)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._child:
+        kind, *rest = args._child
+        res = child_build(*rest) if kind == "build" else child_load(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        print(json.dumps(res))
+        return 0
+
+    tokens, source = corpus_tokens(args.source)
+    if args.tokens:
+        tokens = tokens[: args.tokens]
+    with tempfile.TemporaryDirectory(prefix="bench_sam_") as tmp:
+        tok_path = Path(tmp) / "tokens.npy"
+        np.save(tok_path, np.asarray(tokens, np.uint16))
+        del tokens
+        build = run_child("build", tok_path, Path(tmp) / "sam")
+        load = run_child("load", Path(tmp) / "sam", tok_path, args.dyn_tokens, args.lookup_tokens)
+    res = {"source": source, "cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], **build, **load}
+    rows = [
+        ("corpus", source),
+        ("tokens indexed", f"{res['n_tokens']:,}"),
+        ("states / edges per token", f"{res['n_states'] / res['n_tokens']:.3f} / {res['n_edges'] / res['n_tokens']:.3f}"),
+        ("build (wall / cpu)", f"{res['build_s']:.1f} s / {res['build_cpu_s']:.1f} s   (target <= 30 s)"),
+        ("array bytes per token", f"{res['bytes_per_token']:.1f} B   (target <= 50)"),
+        ("resident growth per token", f"{res['resident_bytes_per_token']:.1f} B"),
+        ("peak RSS during build", f"{res['peak_rss_gb']:.2f} GB   (target <= 2.5)"),
+        ("save", f"{res['save_s']:.1f} s"),
+        ("mmap load", f"{res['load_s'] * 1e3:.1f} ms   (target <= 2 s)"),
+        ("static lookup, cursor.advance", f"{res['lookup_us_per_token']:.2f} us/token"),
+        ("static lookup, advance_many(4)", f"{res['lookup_us_per_token_batch4']:.2f} us/token"),
+        ("longest_suffix_match, 64-token query", f"{res['longest_suffix_match_us_64tok_query']:.2f} us/call"),
+        ("dynamic commit, 1-4 tokens/call", f"{res['dyn_commit_us_per_token']:.2f} us/token   (target <= 2)"),
+        ("dynamic extend, 1 token/call", f"{res['dyn_extend1_us_per_token']:.2f} us/token"),
+        ("dynamic prefill (one call)", f"{res['dyn_prefill_us_per_token']:.3f} us/token"),
+        ("mean static match length", f"{res['mean_static_match_len']:.1f}"),
+        ("load average (1 min)", f"{res['loadavg_1m']:.2f} on {res['cpus']} cpus"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'metric':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
+    for k, v in rows:
+        print(f"| {k:<{width}} | {v} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

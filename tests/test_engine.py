@@ -1,0 +1,318 @@
+"""The plain decoding engine: cache equivalences, greedy vs naive, padding, compiles, stops, bad input."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from decode.engine import Engine
+from models.decoder import DecoderConfig, DecoderLM
+from train.tokenizer import get_tokenizer
+
+TOK = get_tokenizer("byte")
+MAX_LEN = 96
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DecoderLM(DecoderConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_block=16),
+                     rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id, stop_ids=(TOK.eos_id,))
+
+
+def prompts(*lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=n).astype(np.int32) for n in lengths]
+
+
+_FORWARDS = {}
+
+
+def naive_greedy(model, prompt, n):
+    """Recompute the whole sequence for every token through the training forward, no cache.
+
+    The sequence is right-padded to MAX_LEN (one compile); the mask is causal, so the logits at the last
+    real token do not see the padding.
+    """
+    if id(model) not in _FORWARDS:
+        _FORWARDS[id(model)] = jax.jit(lambda t: model(t)[0])
+    fwd = _FORWARDS[id(model)]
+    seq = [int(t) for t in prompt] or [TOK.bos_id]
+    out = []
+    for _ in range(n):
+        buf = np.zeros((1, MAX_LEN), np.int32)
+        buf[0, :len(seq) + len(out)] = seq + out
+        out.append(int(jnp.argmax(fwd(jnp.asarray(buf))[0, len(seq) + len(out) - 1])))
+    return out
+
+
+def split_fns(model):
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def extend_commit(params, tokens, cache, n):
+        m = nnx.merge(graphdef, params)
+        logits, cache = m.extend(tokens, cache)
+        return logits, m.commit(cache, n)
+
+    return params, extend_commit
+
+
+def test_extend_prompt_then_tokens_equals_full_forward(model):
+    seq = prompts(40, seed=1)[0]
+    full = np.asarray(model(jnp.asarray(seq[None]))[0])[0]
+    params, ec = split_fns(model)
+    cache = model.init_cache(1, 64)
+    # Prefill a right-padded bucket of 32 holding 23 prompt tokens, then one token at a time.
+    bucket = np.zeros((1, 32), np.int32)
+    bucket[0, :23] = seq[:23]
+    logits, cache = ec(params, bucket, cache, jnp.array([23]))
+    got = [np.asarray(logits)[0, :23]]
+    for t in seq[23:]:
+        logits, cache = ec(params, jnp.array([[t]]), cache, jnp.array([1]))
+        got.append(np.asarray(logits)[0])
+    np.testing.assert_allclose(np.concatenate(got), full, rtol=0, atol=2e-5)
+    assert int(cache["lengths"][0]) == 40
+
+
+def test_commit_fewer_than_extended_equals_never_seeing_the_rest(model):
+    seq = prompts(12, seed=2)[0]
+    params, ec = split_fns(model)
+    a = model.init_cache(2, 64)
+    b = model.init_cache(2, 64)
+    _, a = ec(params, np.stack([seq[:8], seq[:8]]), a, jnp.array([8, 5]))
+    _, b = ec(params, np.stack([seq[:8], seq[:8]]), b, jnp.array([8, 5]))
+    # a: four tokens, of which row 0 keeps 1 and row 1 keeps 3; b: only the kept ones.
+    junk = np.array([[seq[8], 7, 9, 11], [seq[5], seq[6], seq[7], 200]], np.int32)
+    _, a = ec(params, junk, a, jnp.array([1, 3]))
+    _, b = ec(params, np.array([[seq[8], 0, 0, 0], [seq[5], seq[6], seq[7], 0]], np.int32), b,
+              jnp.array([1, 3]))
+    nxt = np.array([[seq[9], seq[10]], [seq[8], seq[9]]], np.int32)
+    la, a = ec(params, nxt, a, jnp.array([2, 2]))
+    lb, b = ec(params, nxt, b, jnp.array([2, 2]))
+    np.testing.assert_allclose(np.asarray(la), np.asarray(lb), rtol=0, atol=1e-6)
+    full = np.asarray(model(jnp.asarray(seq[None, :11]))[0])[0]
+    np.testing.assert_allclose(np.asarray(la)[0], full[9:11], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(la)[1], full[8:10], rtol=0, atol=2e-5)
+
+
+def test_greedy_equals_naive_recompute(model, engine):
+    ps = prompts(5, 17, 1)
+    res = engine.generate(ps, max_new_tokens=12, stop_ids=())
+    for p, got in zip(ps, res.tokens):
+        assert got.tolist() == naive_greedy(model, p, 12)
+    assert res.steps == [11, 11, 11] and res.mat == 1.0
+
+
+def test_empty_prompt_decodes_from_bos(engine):
+    a = engine.generate([[]], max_new_tokens=6, stop_ids=())
+    b = engine.generate([[TOK.bos_id]], max_new_tokens=6, stop_ids=())
+    assert a.tokens[0].tolist() == b.tokens[0].tolist()
+
+
+def test_padded_batch_equals_each_prompt_alone(engine):
+    ps = prompts(3, 20, 9, 14, seed=3)
+    for kw in ({}, {"temperature": 0.9, "top_k": 40, "top_p": 0.95}):
+        seeds = [5, 6, 7, 8]
+        batch = engine.generate(ps, max_new_tokens=10, seed=seeds, stop_ids=(), **kw)
+        for p, s, got in zip(ps, seeds, batch.tokens):
+            alone = engine.generate([p], max_new_tokens=10, seed=[s], stop_ids=(), **kw)
+            assert got.tolist() == alone.tokens[0].tolist()
+    # Sampling is reproducible for a fixed seed and differs across seeds.
+    a = engine.generate(ps[:1], max_new_tokens=10, seed=[1], temperature=1.0)
+    b = engine.generate(ps[:1], max_new_tokens=10, seed=[1], temperature=1.0)
+    c = engine.generate(ps[:1], max_new_tokens=10, seed=[2], temperature=1.0)
+    assert a.tokens[0].tolist() == b.tokens[0].tolist() != c.tokens[0].tolist()
+
+
+def test_one_compile_per_bucket_and_none_for_lengths_or_sampling(model):
+    eng = Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id)
+    for n in (17, 20, 32, 25):  # one bucket: 32
+        eng.generate(prompts(n, n - 3), max_new_tokens=5)
+    for t, k, p in ((0.7, 0, 1.0), (1.3, 5, 0.9), (0.0, 3, 0.5)):
+        eng.generate(prompts(30, 18), max_new_tokens=7, temperature=t, top_k=k, top_p=p, seed=3)
+    assert eng.traces == {"prefill": 1, "generate": 1}
+    eng.generate(prompts(40, 3), max_new_tokens=4)  # bucket 64: a second prefill, the same loop
+    eng.generate(prompts(5, 3), max_new_tokens=4)  # bucket 16
+    assert eng.traces == {"prefill": 3, "generate": 1}
+
+
+def test_stop_id_ends_a_row_and_others_keep_running(model):
+    ps = prompts(6, 9, seed=4)
+    eng = Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id)
+    free = eng.generate(ps, max_new_tokens=16, stop_ids=())
+    stop = int(free.tokens[0][4])
+    assert stop not in free.tokens[1].tolist()  # the other row never emits it
+    first = free.tokens[0].tolist().index(stop)
+    res = eng.generate(ps, max_new_tokens=16, stop_ids=(stop,))
+    assert res.tokens[0].tolist() == free.tokens[0][:first + 1].tolist()
+    assert res.tokens[1].tolist() == free.tokens[1].tolist()
+    assert res.steps == [first, 15]
+
+
+def test_per_row_max_new_tokens(engine):
+    ps = prompts(4, 7, seed=5)
+    res = engine.generate(ps, max_new_tokens=[3, 9], stop_ids=())
+    full = engine.generate(ps, max_new_tokens=9, stop_ids=())
+    assert [len(t) for t in res.tokens] == [3, 9]
+    assert res.tokens[0].tolist() == full.tokens[0][:3].tolist()
+
+
+def test_streaming_chunks_equal_one_block_without_recompiling(model):
+    eng = Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id)
+    ps = prompts(11, 4, seed=6)
+    whole = eng.generate(ps, max_new_tokens=20, stop_ids=())
+    pieces = list(eng.stream(ps, max_new_tokens=20, chunk=3, stop_ids=()))
+    assert len(pieces) == 1 + 7  # the first token after prefill, then ceil(19 / 3) chunks
+    for i in range(2):
+        assert np.concatenate([p[i] for p in pieces]).tolist() == whole.tokens[i].tolist()
+    assert eng.traces == {"prefill": 1, "generate": 1}
+
+
+def test_batch_padding_rows_are_inert(engine):
+    ps = prompts(8, 12, 5, seed=7)
+    a = engine.generate(ps, max_new_tokens=6, batch_size=4, stop_ids=())
+    b = engine.generate(ps, max_new_tokens=6, stop_ids=())
+    assert len(a.tokens) == 3
+    assert [t.tolist() for t in a.tokens] == [t.tolist() for t in b.tokens]
+
+
+def test_no_unusable_donation_warnings(model):
+    eng = Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*[Dd]onat.*")
+        eng.generate(prompts(9, 2), max_new_tokens=5)
+    assert eng.traces == {"prefill": 1, "generate": 1}
+
+
+@pytest.mark.parametrize("call, match", [
+    (dict(prompts=[np.arange(MAX_LEN)], max_new_tokens=1), "prompt 0: 96 prompt tokens do not fit"),
+    (dict(prompts=[np.arange(60)], max_new_tokens=30), "exceed max_len"),
+    (dict(prompts=[[1, 2, 259]], max_new_tokens=3), "token id 259 out of range"),
+    (dict(prompts=[[1, -1]], max_new_tokens=3), "token id -1 out of range"),
+    (dict(prompts=[[1.5, 2.0]], max_new_tokens=3), "integer token ids"),
+    (dict(prompts=[[1, 2]], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts=[[1, 2]], max_new_tokens=3, temperature=-1.0), "temperature"),
+    (dict(prompts=[[1, 2]], max_new_tokens=3, top_p=0.0), "top_p"),
+    (dict(prompts=[[1, 2]], max_new_tokens=3, top_k=-2), "top_k"),
+    (dict(prompts=[[1, 2]], max_new_tokens=3, stop_ids=(300,)), "stop ids"),
+    (dict(prompts=[[1], [2]], max_new_tokens=3, batch_size=1), "batch_size"),
+    (dict(prompts=[], max_new_tokens=3), "no prompts"),
+])
+def test_bad_input_raises_clear_value_error(engine, call, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate(call.pop("prompts"), **call)
+
+
+def test_empty_prompt_without_bos_is_an_error(model):
+    with pytest.raises(ValueError, match="bos_id"):
+        Engine(model, max_len=MAX_LEN).generate([[]], max_new_tokens=2)
+
+
+def test_longest_prompt_and_budget_that_fit_are_accepted(model, engine):
+    room = MAX_LEN - engine.slack
+    p = prompts(room - 5, seed=8)[0]
+    res = engine.generate([p], max_new_tokens=5, stop_ids=())
+    assert res.tokens[0].tolist() == naive_greedy(model, p, 5)
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------
+
+def make_run(path, seed=0):
+    """A run directory (config.toml + one orbax checkpoint) holding a small random decoder."""
+    from train.checkpoint import manager, save
+    from train.config import from_dict, save_config
+    from train.loop import make_optimizer
+
+    cfg = from_dict({"model": {"arch": "decoder", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                               "attn_block": 16},
+                     "decode": {"max_len": 160, "max_new_tokens": 12}}, "cli_test")
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, path / "config.toml")
+    model = DecoderLM(cfg.model, rngs=nnx.Rngs(seed))
+    mngr = manager(path)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = {"params": params, "opt": make_optimizer(cfg.train).init(params), "step": jnp.int32(1)}
+    save(mngr, 1, state, cfg)
+    mngr.wait_until_finished()
+    mngr.close()
+    return model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    return path, make_run(path)
+
+
+def test_cli_streams_the_greedy_completion(run_dir, capsys):
+    from decode.__main__ import main
+
+    path, model = run_dir
+    text = "def add(a, b):\n    return"
+    assert main([str(path), "--prompt", text, "--max-new-tokens", "10", "--chunk", "3"]) == 0
+    out = capsys.readouterr().out
+    eng = Engine(model, max_len=160, bos_id=TOK.bos_id, stop_ids=(TOK.eos_id,))
+    want = eng.generate([TOK.encode(text)], max_new_tokens=10).tokens[0]
+    assert out == TOK.decode(want) + "\n"
+
+
+def test_cli_prompts_file_writes_jsonl(run_dir, tmp_path, capsys):
+    import json
+
+    from decode.__main__ import main
+
+    path, model = run_dir
+    prompts_file = tmp_path / "p.jsonl"
+    rows = [{"id": "a", "prompt": "import os\n"}, {"id": 7, "prompt": "x = [1, 2,"}, {"id": "e", "prompt": ""}]
+    prompts_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    out_file = tmp_path / "o.jsonl"
+    assert main([str(path), "--prompts", str(prompts_file), "--out", str(out_file), "--batch-size", "2",
+                 "--max-new-tokens", "6"]) == 0
+    got = [json.loads(x) for x in out_file.read_text(encoding="utf-8").splitlines()]
+    assert [g["id"] for g in got] == ["a", 7, "e"]
+    eng = Engine(model, max_len=160, bos_id=TOK.bos_id, stop_ids=(TOK.eos_id,))
+    for r, g in zip(rows, got):
+        want = eng.generate([TOK.encode(r["prompt"])], max_new_tokens=6).tokens[0]
+        assert g["tokens"] == want.tolist() and g["completion"] == TOK.decode(want) and g["prompt"] == r["prompt"]
+        assert g["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_run", "no such run directory"),
+    ("no_checkpoint", "no config.toml"),
+    ("not_utf8", "not valid UTF-8"),
+    ("bad_json", ":2: not a JSON object"),
+    ("bad_ids", "prompt id 'x': token id 300 out of range"),
+    ("too_long", "prompt id 'y':"),
+])
+def test_cli_errors_are_one_line_and_exit_2(run_dir, tmp_path, capsys, case, match):
+    from decode.__main__ import main
+
+    path, _ = run_dir
+    f = tmp_path / "p.jsonl"
+    argv = [str(path), "--prompts", str(f)]
+    if case == "missing_run":
+        argv[0] = str(tmp_path / "nope")
+        f.write_text('{"prompt": "a"}\n')
+    elif case == "no_checkpoint":
+        argv[0] = str(tmp_path)
+        f.write_text('{"prompt": "a"}\n')
+    elif case == "not_utf8":
+        f.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    elif case == "bad_json":
+        f.write_text('{"prompt": "a"}\n{"prompt": \n')
+    elif case == "bad_ids":
+        f.write_text('{"id": "x", "tokens": [1, 300]}\n')
+    elif case == "too_long":
+        f.write_text('{"id": "y", "prompt": "' + "a" * 200 + '"}\n')
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err

@@ -1,0 +1,191 @@
+"""Speculative decoding through the engine: greedy output identical to plain greedy for any drafter."""
+
+import warnings
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from decode.engine import Engine
+from models.decoder import DecoderConfig, DecoderLM
+from train.tokenizer import get_tokenizer
+
+TOK = get_tokenizer("byte")
+MAX_LEN = 96
+SIZES = (1, 4, 8)
+ROWS = 3  # every multi-row test pads to this batch, so they share one set of compiles
+
+
+class Oracle:
+    """Drafts the true greedy continuation, known in advance."""
+
+    def __init__(self, ref):
+        self.ref = np.asarray(ref, np.int32)
+        self.pos = -1
+        self.accepted = []
+
+    def reset(self, prompt):
+        self.pos = 0
+        self.accepted = []
+
+    def accept(self, tokens):
+        self.pos += len(tokens)
+        self.accepted += [int(t) for t in tokens]
+
+    def draft(self, k):
+        return self.ref[self.pos:self.pos + k]
+
+
+class Adversarial(Oracle):
+    """Every draft token is wrong."""
+
+    def draft(self, k):
+        return (self.ref[self.pos:self.pos + k] + 1) % 256
+
+
+class Noisy(Oracle):
+    """A correct prefix of random length, then random tokens; random draft lengths (including empty)."""
+
+    def __init__(self, ref, seed):
+        super().__init__(ref)
+        self.rng = np.random.default_rng(seed)
+
+    def draft(self, k):
+        n = int(self.rng.integers(0, k + 1))
+        good = int(self.rng.integers(0, n + 1))
+        d = self.ref[self.pos:self.pos + n].copy()
+        d[good:] = self.rng.integers(0, 256, size=len(d) - good)
+        return d
+
+
+class ModelGreedy:
+    """Drafts the model's own greedy continuation of the current context (a strong, honest drafter)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def reset(self, prompt):
+        self.ctx = [int(t) for t in prompt]
+
+    def accept(self, tokens):
+        self.ctx += [int(t) for t in tokens]
+
+    def draft(self, k):
+        return self.engine.generate([self.ctx], max_new_tokens=k, stop_ids=()).tokens[0]
+
+
+class Observing(Oracle):
+    """Records what the observe hook receives."""
+
+    def __init__(self, ref):
+        super().__init__(ref)
+        self.seen = []
+
+    def observe(self, inputs, topk):
+        self.seen.append((np.array(inputs), np.array(topk)))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model = DecoderLM(DecoderConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_block=16),
+                      rngs=nnx.Rngs(1))
+    return Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id, verify_sizes=SIZES)
+
+
+def prompts(*lengths, seed=0):
+    # Text-like prompts: repeated byte patterns make the random model's continuations more varied.
+    rng = np.random.default_rng(seed)
+    return [rng.integers(32, 127, size=n).astype(np.int32) for n in lengths]
+
+
+def reference(engine, ps, n):
+    return engine.generate(ps, max_new_tokens=n, stop_ids=(), batch_size=pad(ps)).tokens
+
+
+def pad(ps):
+    return 1 if len(ps) == 1 else ROWS
+
+
+@pytest.mark.parametrize("kind", ["oracle", "adversarial", "noisy"])
+def test_greedy_speculative_equals_plain_batch1(engine, kind):
+    ps = prompts(13, seed=1)
+    ref = reference(engine, ps, 30)
+    make = {"oracle": lambda r: Oracle(r), "adversarial": lambda r: Adversarial(r),
+            "noisy": lambda r: Noisy(r, 0)}[kind]
+    drafters = [make(r) for r in ref]
+    res = engine.generate_speculative(ps, drafters, max_new_tokens=30, stop_ids=())
+    assert res.tokens[0].tolist() == ref[0].tolist()
+    assert drafters[0].accepted == ref[0].tolist()  # the drafter saw exactly the final tokens
+    if kind == "oracle":  # 29 tokens after prefill at up to 9 per step: 4 steps (8+1, 8+1, 8+1, 2)
+        assert res.steps == [4] and res.mat == pytest.approx(29 / 4)
+        assert res.verify_calls == 4
+    if kind == "adversarial":
+        assert res.mat == 1.0 and res.steps == [29]
+
+
+def test_greedy_speculative_equals_plain_batch3_with_stops_and_budgets(engine):
+    ps = prompts(5, 21, 9, seed=2)
+    ref = reference(engine, ps, 40)
+    stop = int(ref[1][17])
+    cut = ref[1].tolist().index(stop)
+    plain = engine.generate(ps, max_new_tokens=[40, 40, 23], stop_ids=(stop,), batch_size=ROWS)
+    assert len(plain.tokens[1]) == cut + 1 and len(plain.tokens[2]) <= 23
+    make = [lambda r, s: Oracle(r), lambda r, s: Noisy(r, s), lambda r, s: Adversarial(r)]
+    for seed in range(3):  # each row meets each kind of drafter
+        drafters = [make[(i + seed) % 3](r, seed) for i, r in enumerate(ref)]
+        res = engine.generate_speculative(ps, drafters, max_new_tokens=[40, 40, 23], stop_ids=(stop,),
+                                          batch_size=ROWS)
+        assert [t.tolist() for t in res.tokens] == [t.tolist() for t in plain.tokens]
+
+
+def test_sampling_speculative_with_point_mass_target_equals_greedy(engine):
+    """top_k = 1 makes the target distribution one-hot, so sampled acceptance must reproduce greedy."""
+    ps = prompts(7, 16, seed=3)
+    ref = reference(engine, ps, 25)
+    drafters = [Noisy(ref[0], 1), Oracle(ref[1])]
+    res = engine.generate_speculative(ps, drafters, max_new_tokens=25, temperature=1.3, top_k=1, seed=4,
+                                      stop_ids=(), batch_size=ROWS)
+    assert [t.tolist() for t in res.tokens] == [t.tolist() for t in ref]
+
+
+def test_sampling_speculative_is_reproducible_and_accepts_likely_drafts(engine):
+    ps = prompts(10, seed=4)
+    runs = [engine.generate_speculative(ps, [ModelGreedy(engine)], max_new_tokens=20, temperature=0.2, seed=[9],
+                                        stop_ids=()) for _ in range(2)]
+    assert runs[0].tokens[0].tolist() == runs[1].tokens[0].tolist()
+    assert len(runs[0].tokens[0]) == 20
+    assert runs[0].mat > 1.5  # at a low temperature the greedy draft is usually the sample
+
+
+def test_observe_hook_gets_verified_inputs_and_their_topk(engine):
+    ps = prompts(6, seed=5)
+    ref = reference(engine, ps, 12)
+    d = Observing(ref[0])
+    engine.generate_speculative(ps, [d], max_new_tokens=12, stop_ids=())
+    prompt_inputs, prompt_topk = d.seen[0]
+    assert prompt_inputs.tolist() == ps[0].tolist() and prompt_topk.shape == (6, engine.observe_k)
+    assert prompt_topk[-1, 0] == ref[0][0]  # the argmax after the prompt is the first token
+    seq = list(ref[0])
+    pos = 0
+    for inputs, topk in d.seen[1:]:
+        assert topk.shape == (len(inputs), engine.observe_k)
+        assert inputs.tolist() == seq[pos:pos + len(inputs)]  # oracle drafts: every input was correct
+        assert topk[:, 0].tolist() == seq[pos + 1:pos + 1 + len(inputs)]
+        pos += len(inputs)
+
+
+def test_one_compile_per_verify_size_and_no_donation_warnings():
+    model = DecoderLM(DecoderConfig(d_model=32, n_layers=1, n_heads=2, attn_block=16), rngs=nnx.Rngs(2))
+    eng = Engine(model, max_len=64, bos_id=TOK.bos_id, verify_sizes=(2, 4))
+    ps = prompts(5, 3, seed=6)
+    ref = eng.generate(ps, max_new_tokens=20, stop_ids=()).tokens
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*[Dd]onat.*")
+        for seed in range(3):
+            eng.generate_speculative(ps, [Noisy(r, seed) for r in ref], max_new_tokens=20, stop_ids=())
+    assert eng.traces == {"prefill": 1, "generate": 1, "verify2": 1, "verify4": 1}
+
+
+def test_drafter_count_must_match_prompts(engine):
+    with pytest.raises(ValueError, match="one drafter per prompt"):
+        engine.generate_speculative(prompts(4, 4), [Oracle([1, 2])], max_new_tokens=3)
