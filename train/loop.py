@@ -3,6 +3,7 @@ in bits per byte, async orbax checkpoints, resume, and a stop on non-finite loss
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -78,10 +79,12 @@ class Trainer:
     param_sh: dict
     abstract_params: dict
 
-    def _forward(self, params, tokens_BxL1, prefix_len_B):
+    def _forward(self, params, tokens_BxL1, prefix_len_B, rng=None):
         model = nnx.merge(self.graphdef, params)
         inputs, targets = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
-        logits, aux = model(inputs, prefix_len_B)
+        # Stochastic models (DLCM's sampled boundaries) take a key in training and are deterministic without.
+        kw = {"rng": rng} if rng is not None and "rng" in inspect.signature(type(model).__call__).parameters else {}
+        logits, aux = model(inputs, prefix_len_B, **kw)
         weights = target_weights(targets, prefix_len_B)
         nll_sum, n = loss_terms(logits, targets, weights)
         return nll_sum, n, aux, targets, weights
@@ -92,8 +95,10 @@ class Trainer:
         repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
         def train_step(state, tokens_BxL1, prefix_len_B):
+            rng = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])
+
             def loss_fn(params):
-                nll_sum, n, aux, _, _ = self._forward(params, tokens_BxL1, prefix_len_B if prefix else None)
+                nll_sum, n, aux, _, _ = self._forward(params, tokens_BxL1, prefix_len_B if prefix else None, rng)
                 ce = nll_sum / jnp.maximum(n, 1.0)
                 aux_losses = [v for k, v in aux.items() if k.startswith("loss_")]
                 total = ce + sum(aux_losses) if aux_losses else ce
