@@ -6,7 +6,7 @@ Protocol (the engine calls, per row):
 - `accept(tokens)` with the tokens that became final this step (accepted draft tokens AND the bonus
   token), so after it the drafter's state covers all final output; rejected tokens never arrive;
 - `observe(inputs, topk)` with the verified positions' input ids [n] and the model's top-k next-token
-  ids there [n, k] (best first); only Token Recycling uses it.
+  ids there [n, k] (best first); a no-op unless `uses_observe` (Token Recycling).
 
 Draft length is the drafter's call: it grows with the match length, which predicts acceptance. The
 DraftPolicy defaults suit CPU, where verifying 8 tokens costs about twice verifying 1; accelerators can
@@ -61,6 +61,7 @@ class Drafter:
     """Proposes nothing; the base of the others."""
 
     name = "none"
+    uses_observe = False  # the engine may skip computing top-k when no drafter wants it
 
     def __init__(self, policy: DraftPolicy | None = None):
         self.policy = policy or DraftPolicy()
@@ -199,6 +200,7 @@ class RecycleDrafter(Drafter):
     """Token Recycling alone: a greedy chain from the last final token."""
 
     name = "recycle"
+    uses_observe = True
 
     def __init__(self, vocab_size: int, policy: DraftPolicy | None = None):
         super().__init__(policy)
@@ -240,6 +242,7 @@ class SAMDrafter(Drafter):
         self.static_cursor: Cursor | None = static_sam.cursor() if static_sam is not None else None
         self.dynamic = DynamicMatcher()
         self.aux = aux
+        self.uses_observe = aux is not None and aux.uses_observe
 
     def reset(self, prompt_tokens: np.ndarray) -> None:
         super().reset(prompt_tokens)

@@ -31,9 +31,6 @@ FORMAT_VERSION = 1
 LINKED, CSR = 0, 1
 LEN, LINK, MIN_END, EDGES, TOK0, DST0 = 0, 1, 2, 3, 4, 5
 LINKED_COLS = 6
-# LINKED token fields also carry a "solid" flag: len[target] == len[source] + 1. A solid edge found during
-# construction settles the suffix link without reading the target's row (one cache miss fewer per token).
-SOLID, TOK_MASK = 1 << 16, 0xFFFF
 TOK, DST, NEXT = 0, 1, 2
 # Everything is int32: at most 2n states and 3n edges must stay below 2**31.
 MAX_TOKENS = 700_000_000
@@ -61,12 +58,11 @@ def _find(mode, st, links, etok, edst, s, c):
         if lo < end and etok[lo] == c:
             return np.int64(edst[lo])
         return np.int64(-1)
-    v = st[s, TOK0]
-    if v >= 0 and (v & TOK_MASK) == c:  # an empty slot holds -1
-        return np.int64(st[s, DST0])
+    if st[s, TOK0] == c:
+        return np.int64(st[s, DST0])  # an empty slot holds (-1, -1)
     e = np.int64(st[s, EDGES])
     while e >= 0:
-        if (links[e, TOK] & TOK_MASK) == c:
+        if links[e, TOK] == c:
             return np.int64(links[e, DST])
         e = np.int64(links[e, NEXT])
     return np.int64(-1)
@@ -76,17 +72,15 @@ def _find(mode, st, links, etok, edst, s, c):
 def _take_inline(st, links, s, c):
     """Whether state s has an edge on c (LINKED); if so it is swapped into the inline slot. Lookups are
     skewed, so the slot answers most of them without touching the lists."""
-    v = st[s, TOK0]
-    if v >= 0 and (v & TOK_MASK) == c:
+    if st[s, TOK0] == c:
         return True
     e = np.int64(st[s, EDGES])
     while e >= 0:
-        v = links[e, TOK]
-        if (v & TOK_MASK) == c:
+        if links[e, TOK] == c:
             links[e, TOK] = st[s, TOK0]
             d = links[e, DST]
             links[e, DST] = st[s, DST0]
-            st[s, TOK0] = v
+            st[s, TOK0] = c
             st[s, DST0] = d
             return True
         e = np.int64(links[e, NEXT])
@@ -120,13 +114,14 @@ def _extend_one(toks, i, st, links, meta):
             links[ne, NEXT] = st[p, EDGES]
             st[p, EDGES] = ne
             ne += 1
-        st[p, TOK0] = (c | SOLID) if p == last else c  # only last has len[p] + 1 == len[cur]
+        st[p, TOK0] = c
         st[p, DST0] = cur
         te += 1
         p = np.int64(st[p, LINK])
     if p != -1:
         q = np.int64(st[p, DST0])
-        if st[p, TOK0] & SOLID:
+        # (q's row is needed either way: it is the next token's first suffix-link stop or it is split.)
+        if st[p, LEN] + 1 == st[q, LEN]:
             st[cur, LINK] = q
         else:
             cl = ns
@@ -135,21 +130,19 @@ def _extend_one(toks, i, st, links, meta):
             st[cl, LINK] = st[q, LINK]
             st[cl, MIN_END] = st[q, MIN_END]
             st[cl, EDGES] = -1
-            # Copied edges are never solid: len[cl] < len[q] <= len[target] - 1.
-            st[cl, TOK0] = st[q, TOK0] & TOK_MASK if st[q, TOK0] >= 0 else -1
+            st[cl, TOK0] = st[q, TOK0]
             st[cl, DST0] = st[q, DST0]
             if st[q, TOK0] >= 0:
                 te += 1
             f = np.int64(st[q, EDGES])
             while f >= 0:
-                links[ne, TOK] = links[f, TOK] & TOK_MASK
+                links[ne, TOK] = links[f, TOK]
                 links[ne, DST] = links[f, DST]
                 links[ne, NEXT] = st[cl, EDGES]
                 st[cl, EDGES] = ne
                 ne += 1
                 te += 1
                 f = np.int64(links[f, NEXT])
-            st[p, TOK0] = c | SOLID  # len[cl] = len[p] + 1
             st[p, DST0] = cl
             p = np.int64(st[p, LINK])
             while p != -1:
@@ -194,6 +187,7 @@ def _append(new, buf, st, links, meta, cur, track):
         state = cur[0]
         length = cur[1]
         for i in range(n, n + m):
+            state = _canonical(st, state, length)  # the previous insertion may have split it
             state, length = _step(LINKED, st, links, no_tok, no_dst, state, length, buf[i])
             _extend_one(buf, i, st, links, meta)
         cur[0] = state
@@ -205,12 +199,18 @@ def _append(new, buf, st, links, meta, cur, track):
 
 
 @numba.njit(cache=True)
-def _step(mode, st, links, etok, edst, state, length, c):
-    """One cursor step: follow suffix links until a transition on c exists, then take it."""
-    # An extension after the cursor last moved may have split its state; the match then belongs to the
-    # clone (an ancestor), whose transitions are the ones that count.
+def _canonical(st, state, length):
+    """An extension after the cursor last moved may have split its state; the match of that length then
+    belongs to the clone (an ancestor), whose transitions are the ones that count."""
     while state > 0 and length <= st[st[state, LINK], LEN]:
         state = np.int64(st[state, LINK])
+    return state
+
+
+@numba.njit(cache=True)
+def _step(mode, st, links, etok, edst, state, length, c):
+    """One cursor step from a canonical (state, length): follow suffix links until a transition on c
+    exists, then take it. The result is canonical again."""
     while True:
         nxt = _find(mode, st, links, etok, edst, state, c)
         if nxt >= 0:
@@ -224,12 +224,19 @@ def _step(mode, st, links, etok, edst, state, length, c):
 @numba.njit(cache=True)
 def _advance(mode, st, links, etok, edst, cur, toks):
     """Advance cur = [state, length] over toks, in place."""
-    state = cur[0]
     length = cur[1]
+    state = _canonical(st, cur[0], length)
     for i in range(toks.shape[0]):
         state, length = _step(mode, st, links, etok, edst, state, length, toks[i])
     cur[0] = state
     cur[1] = length
+
+
+@numba.njit(cache=True)
+def _peek(mode, st, links, etok, edst, cur, c):
+    """(length, end) after advancing cur by c, without committing."""
+    state, length = _step(mode, st, links, etok, edst, _canonical(st, cur[0], cur[1]), cur[1], c)
+    return length, st[state, MIN_END] if length > 0 else 0
 
 
 @numba.njit(cache=True)
@@ -257,10 +264,10 @@ def _linked_to_csr(n_states, flat, links, etok, edst):
         e = np.int64(flat[b + EDGES])
         start = pos
         if flat[b + TOK0] >= 0:
-            _insert_sorted(etok, edst, start, pos, flat[b + TOK0] & TOK_MASK, flat[b + DST0])
+            _insert_sorted(etok, edst, start, pos, flat[b + TOK0], flat[b + DST0])
             pos += 1
         while e >= 0:
-            _insert_sorted(etok, edst, start, pos, links[e, TOK] & TOK_MASK, links[e, DST])
+            _insert_sorted(etok, edst, start, pos, links[e, TOK], links[e, DST])
             pos += 1
             e = np.int64(links[e, NEXT])
         b = 4 * s
@@ -289,10 +296,10 @@ def _csr_to_linked(n_states, csr, etok, edst, st, links):
         lo = csr[s, EDGES]
         hi = csr[s + 1, EDGES]
         if hi > lo:
-            st[s, TOK0] = etok[lo] | (SOLID if csr[edst[lo], LEN] == csr[s, LEN] + 1 else 0)
+            st[s, TOK0] = etok[lo]
             st[s, DST0] = edst[lo]
         for e in range(hi - 1, lo, -1):
-            links[ne, TOK] = etok[e] | (SOLID if csr[edst[e], LEN] == csr[s, LEN] + 1 else 0)
+            links[ne, TOK] = etok[e]
             links[ne, DST] = edst[e]
             links[ne, NEXT] = st[s, EDGES]
             st[s, EDGES] = ne
@@ -483,9 +490,9 @@ class SuffixAutomaton:
             return dict(zip(self._etok[lo:hi].tolist(), self._edst[lo:hi].tolist()))
         out, e = {}, int(self._st[state, EDGES])
         if self._st[state, TOK0] >= 0:
-            out[int(self._st[state, TOK0]) & TOK_MASK] = int(self._st[state, DST0])
+            out[int(self._st[state, TOK0])] = int(self._st[state, DST0])
         while e >= 0:
-            out[int(self._links[e, TOK]) & TOK_MASK] = int(self._links[e, DST])
+            out[int(self._links[e, TOK])] = int(self._links[e, DST])
             e = int(self._links[e, NEXT])
         return out
 
@@ -575,7 +582,10 @@ class SuffixAutomaton:
             # Copy-on-write keeps the arrays writable (one numba specialisation for built and loaded
             # automata) without ever writing to the file.
             arrs[name] = np.asarray(np.load(path, mmap_mode="c" if mmap else None))
-        ns, n, ne = int(header["n_states"]), int(header["n_tokens"]), int(header["n_edges"])
+        try:
+            ns, n, ne = int(header["n_states"]), int(header["n_tokens"]), int(header["n_edges"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupt {hpath}: bad or missing field {e}") from None
         if (arrs["states"].shape != (ns + 1, 4) or arrs["tokens"].shape != (n,)
                 or arrs["edge_tok"].shape != (ne,) or arrs["edge_dst"].shape != (ne,)):
             raise ValueError(f"suffix automaton at {directory} has arrays inconsistent with header.json")
@@ -611,11 +621,12 @@ def _resized(arr: np.ndarray, rows: int, in_place: bool = False) -> np.ndarray:
 class Cursor:
     """A match position (state, length) in an automaton; advancing is amortised O(1) per token."""
 
-    __slots__ = ("sam", "_cur")
+    __slots__ = ("sam", "_cur", "_one")
 
     def __init__(self, sam: SuffixAutomaton):
         self.sam = sam
         self._cur = np.zeros(2, np.int64)
+        self._one = np.zeros(1, np.int64)
 
     def reset(self) -> None:
         self._cur[:] = 0
@@ -631,17 +642,13 @@ class Cursor:
     @property
     def match(self) -> tuple[int, int]:
         """Current (length, exclusive end of the earliest occurrence)."""
-        length = int(self._cur[1])
-        return length, self.sam.end_of(int(self._cur[0]), length)
+        state, length = self._cur.tolist()
+        return length, (int(self.sam._st[state, MIN_END]) if length > 0 else 0)
 
     def advance(self, token: int) -> tuple[int, int]:
         """Commit one token: follow suffix links until a transition exists, then take it."""
-        s = self.sam
-        state, length = _step(s._mode, s._st, s._links, s._etok, s._edst, self._cur[0], self._cur[1],
-                              int(token))
-        self._cur[0] = state
-        self._cur[1] = length
-        return int(length), s.end_of(state, length)
+        self._one[0] = token
+        return self.advance_many(self._one)
 
     def advance_many(self, tokens) -> tuple[int, int]:
         s = self.sam
@@ -651,9 +658,8 @@ class Cursor:
     def peek(self, token: int) -> tuple[int, int]:
         """(length, end) that advance(token) would give, without committing."""
         s = self.sam
-        state, length = _step(s._mode, s._st, s._links, s._etok, s._edst, self._cur[0], self._cur[1],
-                              int(token))
-        return int(length), s.end_of(state, length)
+        length, end = _peek(s._mode, s._st, s._links, s._etok, s._edst, self._cur, int(token))
+        return int(length), int(end)
 
     def anchor(self, want: int) -> int:
         """End of an occurrence to copy a draft from: the match's earliest occurrence, or, when fewer than
@@ -684,10 +690,13 @@ class DynamicMatcher:
         self.cursor.reset()
         self.commit(prompt)
 
-    def commit(self, tokens) -> tuple[int, int]:
-        """Insert the final tokens; returns the new match (length, end)."""
-        self.sam._append(_int_array(tokens), self.cursor._cur)
-        return self.cursor.match
+    def commit(self, tokens) -> None:
+        """Insert the final tokens (matching each before inserting it)."""
+        new = _int_array(tokens)
+        sam, cur = self.sam, self.cursor._cur
+        # Fast path first: this runs once per decoding step and row, so Python overhead matters.
+        if sam._mode != LINKED or _append(new, sam._toks, sam._st, sam._links, sam._meta, cur, True):
+            sam._append(new, cur)  # grows, thaws or raises on bad ids
 
     def peek(self, token: int) -> tuple[int, int]:
         return self.cursor.peek(token)
