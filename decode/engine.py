@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import jax
@@ -46,7 +46,14 @@ class Result:
     decode_s: float = 0.0
     verify_calls: int = 0  # jitted verify steps (speculative only); 0 for plain decoding
     draft_s: float = 0.0  # host time spent in the drafters (draft, accept, observe)
-    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def concat(cls, results: Sequence["Result"]) -> "Result":
+        """One result for several batches: rows appended, times and counts summed."""
+        return cls([t for r in results for t in r.tokens], [n for r in results for n in r.prompt_lengths],
+                   [s for r in results for s in r.steps], sum(r.prefill_s for r in results),
+                   sum(r.decode_s for r in results), sum(r.verify_calls for r in results),
+                   sum(r.draft_s for r in results))
 
     @property
     def n_tokens(self) -> int:

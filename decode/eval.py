@@ -33,14 +33,14 @@ def static_automaton(sam_dir: Path, cfg, tok):
         raise UsageError(f"{e} (build one with: python -m decode.build_sam RUN_DIR --out {sam_dir})") from None
 
 
-def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int, make=None, label: str = "") -> dict:
-    """Decode all prompts in padded batches; returns per-prompt tokens and steps and the summed timings.
+def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int, make=None, label: str = ""):
+    """Decode all prompts in padded batches; one Result for all of them.
 
     Prompt i samples with seed + i whatever its batch, so runs with different drafters are comparable.
     """
-    tokens, steps = [], []
-    secs = draft_s = 0.0
-    calls = 0
+    from decode.engine import Result
+
+    results = []
     n_batches = -(-len(ids) // batch_size)
     for b in range(n_batches):
         batch = ids[b * batch_size:(b + 1) * batch_size]
@@ -50,19 +50,11 @@ def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int
         else:
             res = engine.generate_speculative(batch, [make() for _ in batch], batch_size=batch_size, seed=seeds,
                                               **kw)
-        tokens += res.tokens
-        steps += res.steps
-        secs += res.seconds
-        draft_s += res.draft_s
-        calls += res.verify_calls
-        n = sum(len(t) for t in tokens)
-        print(f"[eval {label or drafter}] batch {b + 1}/{n_batches}: {n} tokens, {n / secs:.1f} tokens/s, "
-              f"MAT {res.mat:.2f}", file=sys.stderr, flush=True)
-    n = sum(len(t) for t in tokens)
-    after_prefill = sum(max(len(t) - 1, 0) for t in tokens)
-    return {"tokens": tokens, "steps": steps, "seconds": secs, "n_tokens": n, "tokens_per_s": n / secs,
-            "mat": after_prefill / sum(steps) if sum(steps) else 1.0,
-            "draft_us_per_step": 1e6 * draft_s / calls if calls else 0.0, "verify_calls": calls}
+        results.append(res)
+        done = Result.concat(results)
+        print(f"[eval {label or drafter}] batch {b + 1}/{n_batches}: {done.n_tokens} tokens, "
+              f"{done.tokens_per_s:.1f} tokens/s, MAT {done.mat:.2f}", file=sys.stderr, flush=True)
+    return Result.concat(results)
 
 
 def main(argv=None) -> int:
@@ -71,7 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--drafter", default="none", choices=["none", "pld", "recycle", "sam", "sam+recycle"])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, help="default: the run's decode.max_new_tokens")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--sam", help="static suffix automaton directory (default: RUN_DIR/sam)")
     ap.add_argument("--step", type=int)
@@ -79,10 +71,12 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-draft", type=int, help="longest draft (default: the drafters' policy max_len); the "
+                    "engine compiles verify steps for powers of two below it and for it")
     args = ap.parse_args(argv)
 
     from decode.__main__ import encode_all
-    from decode.drafters import make_drafter
+    from decode.drafters import DraftPolicy, make_drafter
     from decode.engine import InputError, engine_for_run
     from decode.prompts import UsageError, read_prompts
     from train.config import ConfigError
@@ -92,8 +86,14 @@ def main(argv=None) -> int:
             raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
         if not Path(args.run_dir).is_dir():
             raise UsageError(f"no such run directory: {args.run_dir}")
+        max_draft = DraftPolicy().max_len if args.max_draft is None else args.max_draft
+        if max_draft < 1:
+            raise UsageError(f"--max-draft must be >= 1; got {max_draft}")
         items = read_prompts(args.prompts)
-        cfg, tok, engine = engine_for_run(args.run_dir, step=args.step)
+        sizes = sorted({1 << i for i in range(max_draft.bit_length()) if 1 << i < max_draft} | {max_draft})
+        cfg, tok, engine = engine_for_run(args.run_dir, step=args.step, verify_sizes=sizes)
+        if args.max_new_tokens is None:
+            args.max_new_tokens = cfg.decode.max_new_tokens
         ids = encode_all(engine, tok, items, args.max_new_tokens)
         sam = None
         if args.drafter.startswith("sam"):
@@ -101,8 +101,10 @@ def main(argv=None) -> int:
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p)
         bs = min(args.batch_size, len(ids))
-        make = lambda: make_drafter(args.drafter, vocab_size=engine.vocab_size, static_sam=sam)  # noqa: E731
-        engine.warmup(bs, max(len(x) for x in ids), speculative=args.drafter != "none")
+        make = lambda: make_drafter(args.drafter, vocab_size=engine.vocab_size, static_sam=sam,  # noqa: E731
+                                    max_len=max_draft, min_len=min(max_draft, DraftPolicy().min_len))
+        for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
+            engine.warmup(bs, longest, speculative=args.drafter != "none")
         base = run(engine, ids, drafter="none", batch_size=bs, kw=kw, seed=args.seed, label="none")
         spec = base if args.drafter == "none" else run(engine, ids, drafter=args.drafter, batch_size=bs, kw=kw,
                                                        seed=args.seed, make=make)
@@ -110,22 +112,20 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    matches = [a.tolist() == b.tolist() for a, b in zip(base["tokens"], spec["tokens"])]
+    matches = [a.tolist() == b.tolist() for a, b in zip(base.tokens, spec.tokens)]
     report = {
         "run_dir": str(args.run_dir), "drafter": args.drafter, "n_prompts": len(items),
-        "max_new_tokens": args.max_new_tokens, "batch_size": bs, "temperature": args.temperature,
-        "top_k": args.top_k, "top_p": args.top_p,
-        "mat": spec["mat"], "tokens_per_s": spec["tokens_per_s"], "n_tokens": spec["n_tokens"],
-        "seconds": spec["seconds"], "draft_us_per_step": spec["draft_us_per_step"],
-        "verify_calls": spec["verify_calls"],
-        "speedup": None if args.drafter == "none" else spec["tokens_per_s"] / base["tokens_per_s"],
-        "baseline": {"tokens_per_s": base["tokens_per_s"], "n_tokens": base["n_tokens"],
-                     "seconds": base["seconds"]},
+        "max_new_tokens": args.max_new_tokens, "batch_size": bs, "max_draft": max_draft,
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "mat": spec.mat, "tokens_per_s": spec.tokens_per_s, "n_tokens": spec.n_tokens, "seconds": spec.seconds,
+        "draft_us_per_step": spec.draft_us_per_step, "verify_calls": spec.verify_calls,
+        "speedup": None if args.drafter == "none" else spec.tokens_per_s / base.tokens_per_s,
+        "baseline": {"tokens_per_s": base.tokens_per_s, "n_tokens": base.n_tokens, "seconds": base.seconds},
         "matches_plain": bool(all(matches)) if args.temperature == 0 else None,
-        "outputs": [{"id": it["id"], "tokens": t.tolist()} for it, t in zip(items, spec["tokens"])],
-        "per_prompt": [{"id": it["id"], "n_tokens": int(len(t)), "steps": int(s),
-                        "mat": (len(t) - 1) / s if s else 1.0, "matches_plain": m}
-                       for it, t, s, m in zip(items, spec["tokens"], spec["steps"], matches)],
+        "outputs": [{"id": it["id"], "tokens": t.tolist()} for it, t in zip(items, spec.tokens)],
+        "per_prompt": [{"id": it["id"], "n_tokens": len(t), "steps": s, "mat": spec.row_mat(i),
+                        "matches_plain": m}
+                       for i, (it, t, s, m) in enumerate(zip(items, spec.tokens, spec.steps, matches))],
         "compiles": dict(engine.traces),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -49,11 +49,11 @@ def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chun
     Padding steps have dt = 0, which leaves the state unchanged (exp(0) = 1, zero input).
     """
     b, l, e = x_BxLxE.shape
-    dt = acc_dtype(x_BxLxE.dtype)
-    x, delta, Bm = (t.astype(dt) for t in (x_BxLxE, dt_BxLxE, B_BxLxN))
-    Cm = C_BxLxN.astype(dt) if want_y else None
-    A = A_ExN.astype(dt)
-    h0 = h0_BxExN.astype(dt)
+    acc = acc_dtype(x_BxLxE.dtype)
+    x, delta, Bm = (a.astype(acc) for a in (x_BxLxE, dt_BxLxE, B_BxLxN))
+    Cm = C_BxLxN.astype(acc) if want_y else None
+    A = A_ExN.astype(acc)
+    h0 = h0_BxExN.astype(acc)
 
     if l == 1:  # one decoding step: no scan at all
         h = jnp.exp(delta[:, 0, :, None] * A) * h0 + (delta[:, 0] * x[:, 0])[:, :, None] * Bm[:, 0, None, :]
@@ -113,11 +113,11 @@ def causal_conv(window_BxWxE, x_BxKxE, kernel_CxE, bias_E):
     """
     c = kernel_CxE.shape[0]
     k = x_BxKxE.shape[1]
-    dt = acc_dtype(x_BxKxE.dtype)
-    full = jnp.concatenate([window_BxWxE.astype(dt), x_BxKxE.astype(dt)], axis=1)
-    w = kernel_CxE.astype(dt)
+    acc = acc_dtype(x_BxKxE.dtype)
+    full = jnp.concatenate([window_BxWxE.astype(acc), x_BxKxE.astype(acc)], axis=1)
+    w = kernel_CxE.astype(acc)
     out = sum(full[:, i:i + k] * w[i] for i in range(c))
-    return out + bias_E.astype(dt)
+    return out + bias_E.astype(acc)
 
 
 def inverse_softplus(y):

@@ -12,6 +12,11 @@ try:  # architectures land one at a time; a missing one is simply not registered
     MODELS["samba"] = SambaLM
 except ImportError:
     pass
+try:
+    from models.dlcm import DLCMConfig, DLCMLM
+    MODELS["dlcm"] = DLCMLM
+except ImportError:
+    pass
 
 MODEL_CONFIGS = {name: cls.config_class for name, cls in MODELS.items()}
 

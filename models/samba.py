@@ -11,6 +11,7 @@ Decode cache (constant size, whatever the length generated):
   a key inside the window, W slots suffice whatever K is (a prefill bucket of any size included), and the
   ring always holds the last W committed positions: slot s holds the position p < length with p = s mod W,
   so the per-slot position array is a pure function of the lengths (-1 where p < 0) and masks come from it.
+  (DESIGN.md's W+K slots are needed only when extend writes the ring before knowing n.)
 - `extend` keeps the pre-step state and the per-token scan inputs (x~, dt, B, raw x); `commit` replays
   the first n of them (dt = 0 beyond n leaves the state unchanged) and re-slices the conv window at n.
   `commit` strips the pending entries, so its result has exactly the structure of `init_cache`.
@@ -100,7 +101,7 @@ def window_visible(q_pos, k_pos, window: int, prefix_len=None):
 
 
 def ring_positions(lengths_B, slots: int):
-    """Position held by each ring slot: the p < length with p = s mod slots, newest first; -1 if p < 0."""
+    """Position held by each ring slot: the largest p < length with p = s (mod slots), or -1 if p < 0."""
     s = jnp.arange(slots, dtype=jnp.int32)
     last = lengths_B[:, None] - 1
     p = last - jnp.mod(last - s[None, :], slots)

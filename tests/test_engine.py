@@ -14,6 +14,7 @@ from train.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("byte")
 MAX_LEN = 96
+ROWS = 4  # multi-row tests pad to this batch, so they share the module engine's compiles
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,10 @@ def naive_greedy(model, prompt, n):
         buf[0, :len(seq) + len(out)] = seq + out
         out.append(int(jnp.argmax(fwd(jnp.asarray(buf))[0, len(seq) + len(out) - 1])))
     return out
+
+
+def until_eos(tokens):
+    return tokens[:tokens.index(TOK.eos_id) + 1] if TOK.eos_id in tokens else tokens
 
 
 def split_fns(model):
@@ -105,7 +110,7 @@ def test_commit_fewer_than_extended_equals_never_seeing_the_rest(model):
 
 def test_greedy_equals_naive_recompute(model, engine):
     ps = prompts(5, 17, 1)
-    res = engine.generate(ps, max_new_tokens=12, stop_ids=())
+    res = engine.generate(ps, max_new_tokens=12, stop_ids=(), batch_size=ROWS)
     for p, got in zip(ps, res.tokens):
         assert got.tolist() == naive_greedy(model, p, 12)
     assert res.steps == [11, 11, 11] and res.mat == 1.0
@@ -121,7 +126,7 @@ def test_padded_batch_equals_each_prompt_alone(engine):
     ps = prompts(3, 20, 9, 14, seed=3)
     for kw in ({}, {"temperature": 0.9, "top_k": 40, "top_p": 0.95}):
         seeds = [5, 6, 7, 8]
-        batch = engine.generate(ps, max_new_tokens=10, seed=seeds, stop_ids=(), **kw)
+        batch = engine.generate(ps, max_new_tokens=10, seed=seeds, stop_ids=(), batch_size=ROWS, **kw)
         for p, s, got in zip(ps, seeds, batch.tokens):
             alone = engine.generate([p], max_new_tokens=10, seed=[s], stop_ids=(), **kw)
             assert got.tolist() == alone.tokens[0].tolist()
@@ -144,14 +149,14 @@ def test_one_compile_per_bucket_and_none_for_lengths_or_sampling(model):
     assert eng.traces == {"prefill": 3, "generate": 1}
 
 
-def test_stop_id_ends_a_row_and_others_keep_running(model):
+def test_stop_id_ends_a_row_and_others_keep_running(engine):
     ps = prompts(6, 9, seed=4)
-    eng = Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id)
-    free = eng.generate(ps, max_new_tokens=16, stop_ids=())
+    eng = engine
+    free = eng.generate(ps, max_new_tokens=16, stop_ids=(), batch_size=ROWS)
     stop = int(free.tokens[0][4])
     assert stop not in free.tokens[1].tolist()  # the other row never emits it
     first = free.tokens[0].tolist().index(stop)
-    res = eng.generate(ps, max_new_tokens=16, stop_ids=(stop,))
+    res = eng.generate(ps, max_new_tokens=16, stop_ids=(stop,), batch_size=ROWS)
     assert res.tokens[0].tolist() == free.tokens[0][:first + 1].tolist()
     assert res.tokens[1].tolist() == free.tokens[1].tolist()
     assert res.steps == [first, 15]
@@ -159,29 +164,30 @@ def test_stop_id_ends_a_row_and_others_keep_running(model):
 
 def test_per_row_max_new_tokens(engine):
     ps = prompts(4, 7, seed=5)
-    res = engine.generate(ps, max_new_tokens=[3, 9], stop_ids=())
-    full = engine.generate(ps, max_new_tokens=9, stop_ids=())
+    res = engine.generate(ps, max_new_tokens=[3, 9], stop_ids=(), batch_size=ROWS)
+    full = engine.generate(ps, max_new_tokens=9, stop_ids=(), batch_size=ROWS)
     assert [len(t) for t in res.tokens] == [3, 9]
     assert res.tokens[0].tolist() == full.tokens[0][:3].tolist()
 
 
-def test_streaming_chunks_equal_one_block_without_recompiling(model):
-    eng = Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id)
+def test_streaming_chunks_equal_one_block_without_recompiling(engine):
+    eng = engine
     ps = prompts(11, 4, seed=6)
-    whole = eng.generate(ps, max_new_tokens=20, stop_ids=())
-    pieces = list(eng.stream(ps, max_new_tokens=20, chunk=3, stop_ids=()))
+    whole = eng.generate(ps, max_new_tokens=20, stop_ids=(), batch_size=ROWS)
+    traces = dict(eng.traces)
+    pieces = list(eng.stream(ps, max_new_tokens=20, chunk=3, stop_ids=(), batch_size=ROWS))
     assert len(pieces) == 1 + 7  # the first token after prefill, then ceil(19 / 3) chunks
     for i in range(2):
         assert np.concatenate([p[i] for p in pieces]).tolist() == whole.tokens[i].tolist()
-    assert eng.traces == {"prefill": 1, "generate": 1}
+    assert eng.traces == traces
 
 
 def test_batch_padding_rows_are_inert(engine):
     ps = prompts(8, 12, 5, seed=7)
-    a = engine.generate(ps, max_new_tokens=6, batch_size=4, stop_ids=())
-    b = engine.generate(ps, max_new_tokens=6, stop_ids=())
+    a = engine.generate(ps, max_new_tokens=6, batch_size=ROWS, stop_ids=())
     assert len(a.tokens) == 3
-    assert [t.tolist() for t in a.tokens] == [t.tolist() for t in b.tokens]
+    for p, t in zip(ps, a.tokens):
+        assert t.tolist() == engine.generate([p], max_new_tokens=6, stop_ids=()).tokens[0].tolist()
 
 
 def test_no_unusable_donation_warnings(model):
@@ -259,9 +265,7 @@ def test_cli_streams_the_greedy_completion(run_dir, capsys):
     text = "def add(a, b):\n    return"
     assert main([str(path), "--prompt", text, "--max-new-tokens", "10", "--chunk", "3"]) == 0
     out = capsys.readouterr().out
-    eng = Engine(model, max_len=160, bos_id=TOK.bos_id, stop_ids=(TOK.eos_id,))
-    want = eng.generate([TOK.encode(text)], max_new_tokens=10).tokens[0]
-    assert out == TOK.decode(want) + "\n"
+    assert out == TOK.decode(until_eos(naive_greedy(model, TOK.encode(text), 10))) + "\n"
 
 
 def test_cli_prompts_file_writes_jsonl(run_dir, tmp_path, capsys):
@@ -278,10 +282,9 @@ def test_cli_prompts_file_writes_jsonl(run_dir, tmp_path, capsys):
                  "--max-new-tokens", "6"]) == 0
     got = [json.loads(x) for x in out_file.read_text(encoding="utf-8").splitlines()]
     assert [g["id"] for g in got] == ["a", 7, "e"]
-    eng = Engine(model, max_len=160, bos_id=TOK.bos_id, stop_ids=(TOK.eos_id,))
     for r, g in zip(rows, got):
-        want = eng.generate([TOK.encode(r["prompt"])], max_new_tokens=6).tokens[0]
-        assert g["tokens"] == want.tolist() and g["completion"] == TOK.decode(want) and g["prompt"] == r["prompt"]
+        want = until_eos(naive_greedy(model, TOK.encode(r["prompt"]), 6))
+        assert g["tokens"] == want and g["completion"] == TOK.decode(want) and g["prompt"] == r["prompt"]
         assert g["tokens_per_s"] > 0
 
 

@@ -1,6 +1,8 @@
 """SAMBA: the cached decode path equals the full forward, rollback is exact, padding is inert, the chunked
 scan equals the recurrence, and gradients match finite differences."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,8 @@ from models.mamba import Mamba, selective_scan, selective_scan_ref
 from models.samba import SambaConfig, SambaLM, sliding_window_attention, window_visible
 
 W = 8  # window smaller than every sequence below, so the ring wraps several times
-CFG = SambaConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, window=W, d_state=4,
+B, L = 3, 49  # one batch size and few step sizes throughout: every shape compiles once
+CFG = SambaConfig(vocab_size=259, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, window=W, d_state=4,
                   scan_chunk=8)
 
 
@@ -45,8 +48,8 @@ def tokens(b, l, seed=0):
     return jax.random.randint(jax.random.key(seed), (b, l), 0, CFG.vocab_size)
 
 
-def full(b, n):
-    return jnp.full((b,), n, jnp.int32)
+def full(n):
+    return jnp.full((B,), n, jnp.int32)
 
 
 def test_chunked_scan_matches_sequential_reference():
@@ -58,18 +61,15 @@ def test_chunked_scan_matches_sequential_reference():
     Bm, Cm = jax.random.normal(ks[3], (b, l, n)), jax.random.normal(ks[4], (b, l, n))
     h0 = jax.random.normal(ks[5], (b, e, n))
     y_ref, h_ref = selective_scan_ref(x, dt, A, Bm, Cm, h0)
-    g_ref = jax.jit(jax.grad(lambda x, dt, h0: jnp.sum(selective_scan_ref(x, dt, A, Bm, Cm, h0)[0] ** 2), (0, 1, 2)))(x, dt, h0)
-    for inner, chunk in (("seq", 8), ("assoc", 8), ("seq", 64), ("assoc", 64)):
-        y, h = jax.jit(lambda *a: selective_scan(*a, chunk=chunk, inner=inner))(x, dt, A, Bm, Cm, h0)
+    sq = lambda scan: jax.jit(jax.grad(lambda x, dt, h0: jnp.sum(scan(x, dt, A, Bm, Cm, h0)[0] ** 2), (0, 1, 2)))
+    g_ref = sq(selective_scan_ref)(x, dt, h0)
+    for inner, chunk in (("seq", 8), ("assoc", 8)):  # several chunks, the last one padded
+        scan = functools.partial(selective_scan, chunk=chunk, inner=inner)
+        y, h = jax.jit(scan)(x, dt, A, Bm, Cm, h0)
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
-        if chunk == 8:  # the rematerialised multi-chunk path
-            _, h_only = selective_scan(x, dt, A, Bm, None, h0, chunk=chunk, inner=inner, want_y=False)
-            np.testing.assert_allclose(h_only, h_ref, rtol=1e-5, atol=1e-5)
-            g = jax.jit(jax.grad(lambda x, dt, h0: jnp.sum(selective_scan(x, dt, A, Bm, Cm, h0, chunk=chunk,
-                                                                          inner=inner)[0] ** 2), (0, 1, 2)))(x, dt, h0)
-            for a, r in zip(g, g_ref):
-                np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+        for a, r in zip(sq(scan)(x, dt, h0), g_ref):  # through the rematerialised chunks
+            np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
 
 
 def test_sliding_window_attention_matches_dense_masks():
@@ -93,102 +93,99 @@ def test_sliding_window_attention_matches_dense_masks():
 
 
 def test_forward_is_causal_and_prefix_bidirectional(forward):
-    x = tokens(1, 30, seed=3)
-    y = x.at[0, 20].set((x[0, 20] + 1) % CFG.vocab_size)
+    x = tokens(B, L, seed=3)
+    y = x.at[:, 20].set((x[:, 20] + 1) % CFG.vocab_size)
     lx, ly = forward(x), forward(y)
-    np.testing.assert_array_equal(lx[0, :20], ly[0, :20])
-    assert float(jnp.abs(lx[0, 20:] - ly[0, 20:]).max()) > 1e-4
-    prefix = jnp.array([24], jnp.int32)
+    np.testing.assert_array_equal(lx[:, :20], ly[:, :20])
+    assert float(jnp.abs(lx[:, 20:] - ly[:, 20:]).max()) > 1e-4
+    prefix = jnp.full((B,), 24, jnp.int32)
     px, py = forward(x, prefix), forward(y, prefix)
-    assert float(jnp.abs(px[0, 19] - py[0, 19]).max()) > 1e-4  # token 19 sees prefix token 20
+    assert float(jnp.abs(px[:, 19] - py[:, 19]).max()) > 1e-4  # token 19 sees prefix token 20
     # Each of the 2 SWA layers carries the change W-1 positions back; Mamba layers are causal.
-    np.testing.assert_array_equal(px[0, :20 - 2 * (W - 1)], py[0, :20 - 2 * (W - 1)])
+    np.testing.assert_array_equal(px[:, :20 - 2 * (W - 1)], py[:, :20 - 2 * (W - 1)])
 
 
 def test_forward_equals_prefill_then_decode(model, forward, step):
     """Mixed step sizes: a prefill longer than 2W (chunked, empty ring), single tokens, a chunked extend over a
-    non-empty ring, and a short multi-token extend; the ring wraps several times."""
-    l = 48
-    toks = tokens(2, l, seed=4)
+    non-empty ring, and short multi-token extends; the ring wraps several times."""
+    toks = tokens(B, L, seed=4)
     ref = forward(toks)
-    cache = model.init_cache(2, l)
+    cache = model.init_cache(B, L)
     outs, t = [], 0
-    for k in (19, 1, 1, 1, 20, 1, 3, 1, 1):
-        logits, cache = step(cache, toks[:, t:t + k], full(2, k))
+    for k in (20, 1, 1, 1, 20, 3, 2, 1):
+        logits, cache = step(cache, toks[:, t:t + k], full(k))
         outs.append(logits)
         t += k
-    assert t == l and cache["lengths"].tolist() == [l, l]
+    assert t == L and cache["lengths"].tolist() == [L] * B
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_cache_is_constant_size_and_commit_strips_pending(model, step):
-    c1, c2 = model.init_cache(3, 64), model.init_cache(3, 1 << 20)
+    c1, c2 = model.init_cache(B, 64), model.init_cache(B, 1 << 20)
     assert jax.tree.structure(c1) == jax.tree.structure(c2)
     assert [x.shape for x in jax.tree.leaves(c1)] == [x.shape for x in jax.tree.leaves(c2)]
     swa = c1["layers"][1]
-    assert swa["k"].shape == (3, W, CFG.kv_heads, CFG.hd)  # a window-sized ring, not a full-length buffer
+    assert swa["k"].shape == (B, W, CFG.kv_heads, CFG.hd)  # a window-sized ring, not a full-length buffer
     assert c1["layers"][0]["ssm"].dtype == jnp.float32
     ids = [id(x) for x in jax.tree.leaves(c1)]
     assert len(set(ids)) == len(ids)  # every leaf its own buffer (donation)
-    _, c = step(c1, tokens(3, 5), full(3, 2))
+    _, c = step(c1, tokens(B, 3), full(2))
     assert jax.tree.structure(c) == jax.tree.structure(c1)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(c)] == [(x.shape, x.dtype) for x in jax.tree.leaves(c1)]
 
 
 def test_extend_commit_equals_extend_n(model, step):
-    """extend(K) + commit(n) restores exactly the state after n tokens, for every n <= K (n varies per row)."""
+    """extend(K) + commit(n) restores exactly the state after n tokens, for every n <= K (n varies per row):
+    the same cache and the same logits for the tokens that follow."""
     k = 4
-    hist, draft, after = tokens(1, 11, seed=5), tokens(1, k, seed=6), tokens(1, 3, seed=7)  # ring wrapped
-    rows = k + 1
-    _, base = step(model.init_cache(rows, 32), jnp.repeat(hist, rows, 0), full(rows, 11))
-    n_B = jnp.arange(rows, dtype=jnp.int32)
-    _, rolled = step(base, jnp.repeat(draft, rows, 0), n_B)
-    after_logits, _ = step(rolled, jnp.repeat(after, rows, 0), full(rows, 3))
-    row = lambda tree, i: jax.tree.map(lambda x: x[i:i + 1], tree)
-    for n in range(rows):
-        ref = row(base, n)
-        if n:
-            _, ref = step(ref, draft[:, :n], full(1, n))
-        got = row(rolled, n)
-        assert got["lengths"].tolist() == ref["lengths"].tolist() == [11 + n]
-        for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-            np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
-        ref_logits, _ = step(ref, after, full(1, 3))
-        np.testing.assert_allclose(after_logits[n:n + 1], ref_logits, atol=1e-5, rtol=1e-5)
+    hist, draft, after = tokens(1, 20, seed=5), tokens(1, k, seed=6), tokens(1, 3, seed=7)  # ring wrapped
+    rep = lambda t: jnp.repeat(t, B, 0)
+    _, base = step(model.init_cache(B, 32), rep(hist), full(20))
+    refs = [base] + [step(base, rep(draft[:, :n]), full(n))[1] for n in range(1, k + 1)]  # extend(n), commit(n)
+    for n_B in ([0, 1, 2], [3, 4, 2]):
+        _, rolled = step(base, rep(draft), jnp.array(n_B, jnp.int32))  # extend(K), commit(n)
+        after_logits, _ = step(rolled, rep(after), full(3))
+        for i, n in enumerate(n_B):
+            assert int(rolled["lengths"][i]) == 20 + n
+            for a, r in zip(jax.tree.leaves(rolled), jax.tree.leaves(refs[n])):
+                np.testing.assert_allclose(a[i], r[i], atol=1e-5, rtol=1e-5)
+            ref_logits, _ = step(refs[n], rep(after), full(3))
+            np.testing.assert_allclose(after_logits[i], ref_logits[i], atol=1e-5, rtol=1e-5)
 
 
 def test_padding_is_inert(model, step):
-    """Right-padded prompts (bucket 32, far past the W-slot ring) committed at their lengths equal each alone."""
+    """Right-padded prompts (bucket 32, far past the W-slot ring) committed at their lengths equal each
+    prompt unpadded (as a batch of copies, so no row is padded)."""
     lens = [3, 13, 32]
-    toks = tokens(3, 32, seed=8)
+    toks = tokens(B, 32, seed=8)
     padded = jnp.where(jnp.arange(32)[None, :] < jnp.array(lens)[:, None], toks, CFG.vocab_size - 1)
-    logits, cache = step(model.init_cache(3, 64), padded, jnp.array(lens, jnp.int32))
-    nxt = jnp.argmax(logits[jnp.arange(3), jnp.array(lens) - 1], -1)[:, None]
-    batched = []
-    for _ in range(5):
-        lg, cache = step(cache, nxt, full(3, 1))
-        batched.append(lg)
-        nxt = jnp.argmax(lg[:, -1], -1)[:, None]
-    batched = jnp.concatenate(batched, axis=1)
-    for i, n in enumerate(lens):
-        lg, c = step(model.init_cache(1, 64), toks[i:i + 1, :n], full(1, n))
-        nxt = jnp.argmax(lg[:, -1], -1)[:, None]
-        for t in range(5):
-            lg, c = step(c, nxt, full(1, 1))
-            np.testing.assert_allclose(lg[0, -1], batched[i, t], atol=1e-5, rtol=1e-5)
+
+    def greedy(cache, prompt, n_B, steps=4):
+        logits, cache = step(cache, prompt, n_B)
+        nxt = jnp.argmax(logits[jnp.arange(B), n_B - 1], -1)[:, None]
+        out = []
+        for _ in range(steps):
+            lg, cache = step(cache, nxt, full(1))
+            out.append(lg[:, -1])
             nxt = jnp.argmax(lg[:, -1], -1)[:, None]
+        return jnp.stack(out, 1)
+
+    batched = greedy(model.init_cache(B, 64), padded, jnp.array(lens, jnp.int32))
+    for i, n in enumerate(lens):
+        alone = greedy(model.init_cache(B, 64), jnp.repeat(toks[i:i + 1, :n], B, 0), full(n))
+        np.testing.assert_allclose(batched[i], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_speculative_greedy_equals_plain_greedy(model, step):
     """The verify protocol at the contract level: [last, d1..dK] -> accept the longest prefix equal to the
     argmax, plus one bonus token; commit n = accepted + 1. Drafts are right, wrong or partly right per row."""
-    b, prompt_len, n_new, k = 3, 10, 24, 4
+    b, prompt_len, n_new, k = B, 20, 24, 4
     prompt = tokens(b, prompt_len, seed=9)
-    logits, cache = step(model.init_cache(b, 64), prompt, full(b, prompt_len))
+    logits, cache = step(model.init_cache(b, 64), prompt, full(prompt_len))
     first = jnp.argmax(logits[:, -1], -1)
     plain, last, c = [first], first, cache
     for _ in range(n_new):
-        lg, c = step(c, last[:, None], full(b, 1))
+        lg, c = step(c, last[:, None], full(1))
         last = jnp.argmax(lg[:, -1], -1)
         plain.append(last)
     plain = np.asarray(jnp.stack(plain, 1))
@@ -225,25 +222,23 @@ def test_speculative_greedy_equals_plain_greedy(model, step):
 
 
 def _directional_check(loss, params, seed, eps):
-    """(finite difference, autodiff) of `loss` along g/|g| plus an equally long random direction, in one jit:
-    the derivative is about |g|, far above rounding noise."""
-    @jax.jit
-    def fn(p):
-        g = jax.grad(loss)(p)
-        leaves = jax.tree.leaves(g)
-        keys = jax.random.split(jax.random.key(seed), len(leaves))
-        r = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-        g_norm = jnp.sqrt(sum(jnp.sum(x * x) for x in leaves))
-        r_norm = jnp.sqrt(sum(jnp.sum(x * x) for x in r))
-        d = jax.tree.unflatten(jax.tree.structure(g), [a / g_norm + b / r_norm for a, b in zip(leaves, r)])
-        ad = sum(jnp.vdot(a, b) for a, b in zip(leaves, jax.tree.leaves(d)))
-        fd = (loss(jax.tree.map(lambda x, v: x + eps * v, p, d))
-              - loss(jax.tree.map(lambda x, v: x - eps * v, p, d))) / (2 * eps)
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
-        nonzero = jnp.all(jnp.array([jnp.any(x != 0) for x in leaves]))  # every parameter gets a gradient
-        return fd, ad, finite, nonzero
-
-    return jax.device_get(fn(params))
+    """(finite difference, autodiff) of `loss` along g/|g| plus an equally long random direction (the
+    derivative is then about |g|, far above rounding noise); asserts every gradient is finite and nonzero."""
+    g = jax.device_get(jax.jit(jax.grad(loss))(params))
+    leaves, tree = jax.tree.flatten(g)
+    assert all(np.all(np.isfinite(x)) for x in leaves)
+    assert all(np.any(x != 0) for x in leaves)  # every parameter gets a gradient
+    rng = np.random.default_rng(seed)
+    r = [rng.standard_normal(x.shape).astype(x.dtype) for x in leaves]
+    g_norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in leaves))
+    r_norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in r))
+    d = [(a / g_norm + b / r_norm).astype(a.dtype) for a, b in zip(leaves, r)]
+    ad = sum(np.vdot(a.astype(np.float64), b) for a, b in zip(leaves, d))
+    p = jax.tree.leaves(jax.device_get(params))
+    f = jax.jit(loss)
+    shifted = lambda sign: jax.tree.unflatten(tree, [(x + sign * eps * v).astype(x.dtype) for x, v in zip(p, d)])
+    fd = (float(f(shifted(1.0))) - float(f(shifted(-1.0)))) / (2 * eps)
+    return fd, ad
 
 
 def test_mamba_gradients_match_finite_differences_fp64():
@@ -258,8 +253,7 @@ def test_mamba_gradients_match_finite_differences_fp64():
         u = jax.random.normal(jax.random.key(2), (2, 11, 8), jnp.float64)
         w = jax.random.normal(jax.random.key(3), (2, 11, 8), jnp.float64)
         loss = lambda pu: jnp.sum(jnp.tanh(nnx.merge(gdef, pu[0])(pu[1])) * w)  # params and input
-        fd, ad, finite, nonzero = _directional_check(loss, (params, u), seed=4, eps=1e-6)
-        assert finite and nonzero
+        fd, ad = _directional_check(loss, (params, u), seed=4, eps=1e-6)
         np.testing.assert_allclose(ad, fd, rtol=1e-7)
     finally:
         jax.config.update("jax_enable_x64", prev)
@@ -275,8 +269,7 @@ def test_model_gradients_finite_and_match_directional_difference():
         logp = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(logp, toks[:, 1:, None], -1))
 
-    fd, ad, finite, nonzero = _directional_check(loss, params, seed=0, eps=1e-3)
-    assert finite and nonzero
+    fd, ad = _directional_check(loss, params, seed=0, eps=1e-3)
     np.testing.assert_allclose(fd, ad, rtol=1e-3)
 
 
@@ -287,34 +280,3 @@ def test_config_validation():
     from models.registry import MODELS
     assert MODELS["samba"] is SambaLM
 
-
-def test_engine_speculative_greedy_equals_plain_greedy():
-    """Through the shared engine (bucketed prefill, while-loop decoding, verify steps with rollback)."""
-    from decode.engine import Engine
-
-    model = SambaLM(SambaConfig(**{**CFG.__dict__, "vocab_size": 259}), rngs=nnx.Rngs(6))
-    eng = Engine(model, max_len=64, bos_id=256, verify_sizes=(4,))
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(32, 127, size=n).astype(np.int32) for n in (5, 19)]  # 19: bucket 32 > 2W + 4
-    ref = eng.generate(prompts, max_new_tokens=30, stop_ids=()).tokens
-
-    class Noisy:  # a correct prefix of random length, then wrong tokens
-        def __init__(self, ref, seed):
-            self.ref, self.rng = np.asarray(ref, np.int32), np.random.default_rng(seed)
-
-        def reset(self, prompt):
-            self.pos = 0
-
-        def accept(self, toks):
-            self.pos += len(toks)
-
-        def draft(self, k):
-            d = self.ref[self.pos:self.pos + k].copy()
-            bad = int(self.rng.integers(0, len(d) + 1))
-            d[bad:] = (d[bad:] + 1) % 256
-            return d
-
-    res = eng.generate_speculative(prompts, [Noisy(r, i) for i, r in enumerate(ref)], max_new_tokens=30,
-                                   stop_ids=())
-    assert [t.tolist() for t in res.tokens] == [t.tolist() for t in ref]
-    assert 1.0 < res.mat < 5.0

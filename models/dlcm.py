@@ -1,0 +1,470 @@
+"""DLCM (Dynamic Large Concept Models, arXiv 2512.24617), strict causal variant (DESIGN.md, "DLCM").
+
+Pipeline: a causal token encoder gives h; a boundary p_t = 1/2 (1 - cos(W_q h_{t-1}, W_k h_t)) (p = 1 at a
+row's position 0) marks token t as the start of a concept (sampled from Bernoulli(sharpen(p)) in training,
+p >= 0.5 otherwise); a concept is the mean of its tokens' h, projected up by W_up; a causal transformer
+(the backbone, RoPE on the concept index) runs over the concepts; every token cross-attends to the concepts
+CLOSED BEFORE it plus a learned null concept (Q = RMSNorm(W_Q h), K = RMSNorm(W_K z), V = W_V z, residual
+onto h, then an optional SwiGLU); a causal token decoder and the head give the logits.
+
+Which concepts token t sees: with seg_t = (number of boundaries at or before t) - 1, t's own concept is
+seg_t and the closed ones are 0 .. seg_t - 1. Keys are numbered [null, z_0, z_1, ...], so key index
+kk is visible iff kk <= seg_t (exact L x (M+1) masked attention, no replication multiplicity).
+
+Global Parser loss (returned as `loss_parser` = aux_weight * L_aux; the trainer adds every `loss_*`):
+L_aux = R/(R-1) [(R-1) F G + (1-F)(1-G)] - 1, F = mean(b) (no gradient), G = mean(p), both over the whole
+(global) batch. The boundary decisions are discrete, so W_q/W_k are trained by L_aux through G only.
+
+Decode cache (slot = position for token caches, slot = concept index for concept caches):
+- `enc`, `dec`: token K/V per layer, rolled back by `lengths`;
+- `bb`: backbone concept K/V per layer (slot k = concept k); `cross`: cross-attention K/V (slot 0 = the null
+  concept, rewritten by every extend; slot k+1 = concept k); both are rolled back by `J`, the number of
+  closed concepts: slots beyond J are invisible (masks come from positions) and are overwritten before use;
+- per row: `J`, the open concept's running fp32 sum `seg_sum` and count `seg_cnt`, `prev_h` (= h_{t-1}).
+`extend` is parallel over its K tokens: the token stacks run as in the decoder, the boundaries need only
+h_{t-1} and h_t, the concepts closed inside the block (at most K) are packed into K backbone slots written
+at J..J+K-1 (the unused ones are garbage beyond the new J, hence inert), and each token's cross-attention
+query position is its own J_t. The per-position state after each of the K tokens is returned as pending
+entries; `commit(n)` selects the state after exactly n tokens and returns the structure of `init_cache`.
+Concept caches hold max_len + 1 slots: one concept per token is the worst case.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.decoder import DecoderBlock, DecoderConfig, embed_init
+from models.layers import (RMSNorm, SwiGLU, blocked_cache_attention, causal_mask, dense, dtype_of,
+                           masked_attention, mlp_hidden_default, scatter_rows)
+
+
+@dataclass(frozen=True)
+class DLCMConfig:
+    arch: str = "dlcm"
+    vocab_size: int = 259
+    # token side (encoder, cross-attention, decoder) at width d_model
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads
+    head_dim: int = 0  # 0: d_model // n_heads
+    mlp_hidden: int = 0  # 0: 8/3 d_model rounded up to a multiple of 64
+    enc_layers: int = 2
+    dec_layers: int = 2
+    # concept backbone at width d_concept
+    d_concept: int = 256
+    bb_layers: int = 2
+    bb_heads: int = 4
+    bb_kv_heads: int = 0
+    bb_head_dim: int = 0
+    bb_mlp_hidden: int = 0
+    # token -> concept cross-attention (no RoPE, QK-RMSNorm)
+    cross_heads: int = 4
+    cross_head_dim: int = 0  # 0: d_model // cross_heads
+    cross_mlp: bool = True  # a SwiGLU after the cross-attention (the paper's "intermediate size (cross)")
+    # boundaries and the Global Parser
+    d_scan: int = 0  # width of W_q / W_k; 0: d_model (then both start as the identity, as in H-Net)
+    target_ratio: float = 4.0  # R: target tokens per concept
+    aux_weight: float = 0.03  # lambda
+    sharpen: float = 6.0  # training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s))
+    max_concepts: int = 0  # concept slots in the training forward; 0: seq_len (never overflows)
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attn_block: int = 256  # cache read granularity when decoding
+    remat: bool = False
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def cross_hd(self) -> int:
+        return self.cross_head_dim or self.d_model // self.cross_heads
+
+    @property
+    def scan_dim(self) -> int:
+        return self.d_scan or self.d_model
+
+    @property
+    def n_layers(self) -> int:
+        """All transformer blocks (encoder + backbone + decoder), for tools that report a depth."""
+        return self.enc_layers + self.bb_layers + self.dec_layers
+
+    def token_stack(self, n_layers: int) -> DecoderConfig:
+        return DecoderConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=n_layers,
+                             n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                             mlp_hidden=self.mlp_hidden, rope_base=self.rope_base, norm_eps=self.norm_eps,
+                             dtype=self.dtype, param_dtype=self.param_dtype, attn_block=self.attn_block)
+
+    def backbone_stack(self) -> DecoderConfig:
+        return DecoderConfig(vocab_size=self.vocab_size, d_model=self.d_concept, n_layers=self.bb_layers,
+                             n_heads=self.bb_heads, n_kv_heads=self.bb_kv_heads, head_dim=self.bb_head_dim,
+                             mlp_hidden=self.bb_mlp_hidden, rope_base=self.rope_base, norm_eps=self.norm_eps,
+                             dtype=self.dtype, param_dtype=self.param_dtype, attn_block=self.attn_block)
+
+    def validate(self):
+        positive = ("vocab_size", "d_model", "n_heads", "enc_layers", "dec_layers", "d_concept", "bb_layers",
+                    "bb_heads", "cross_heads", "attn_block")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        for name in ("n_kv_heads", "head_dim", "mlp_hidden", "bb_kv_heads", "bb_head_dim", "bb_mlp_hidden",
+                     "cross_head_dim", "d_scan", "max_concepts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: default); got {getattr(self, name)}")
+        if not self.cross_head_dim and self.d_model % self.cross_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by cross_heads ({self.cross_heads})")
+        if not self.target_ratio > 1.0:
+            raise ValueError(f"target_ratio must be > 1; got {self.target_ratio}")
+        if self.aux_weight < 0 or not self.sharpen > 0:
+            raise ValueError(f"need aux_weight >= 0 and sharpen > 0; got {self.aux_weight}, {self.sharpen}")
+        for name, sub in (("token", self.token_stack(1)), ("backbone", self.backbone_stack())):
+            try:
+                sub.validate()
+            except ValueError as e:
+                raise ValueError(f"{name} stack: {e}") from None
+
+
+# ---- pieces -----------------------------------------------------------------------------------------------
+def parser_loss(f, g, ratio: float):
+    """Global Parser loss: 0 at F = G = 1/R; dL/dG = R/(R-1) (R F - 1)."""
+    r = ratio
+    return r / (r - 1.0) * ((r - 1.0) * f * g + (1.0 - f) * (1.0 - g)) - 1.0
+
+
+def sharpen(p, s: float):
+    """ConceptMoE's sharpen_prob_power: pushes p away from 1/2 (s = 1 is the identity)."""
+    p = jnp.clip(p, 0.0, 1.0)
+    return jnp.where(p > 0.5, p ** (1.0 / s), 1.0 - (1.0 - p) ** (1.0 / s))
+
+
+def boundary_prob(q_prev, k_cur):
+    """p = 1/2 (1 - cos(q_prev, k_cur)) in fp32; a zero vector counts as orthogonal (p = 1/2)."""
+    q = q_prev.astype(jnp.float32)
+    k = k_cur.astype(jnp.float32)
+    qn = q * jax.lax.rsqrt(jnp.maximum(jnp.sum(q * q, -1, keepdims=True), 1e-12))
+    kn = k * jax.lax.rsqrt(jnp.maximum(jnp.sum(k * k, -1, keepdims=True), 1e-12))
+    return 0.5 * (1.0 - jnp.sum(qn * kn, -1))
+
+
+def _identity_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.eye(*shape, dtype=dtype)
+
+
+def _segmented_cumsum(start_BxK, x_BxKxD, n_BxK):
+    """Running (sum, count) within segments along axis 1; a segment starts where start is True."""
+    def op(a, b):
+        fa, sa, na = a
+        fb, sb, nb = b
+        return fa | fb, jnp.where(fb[..., None], sb, sa + sb), jnp.where(fb, nb, na + nb)
+    _, s, n = jax.lax.associative_scan(op, (start_BxK, x_BxKxD, n_BxK), axis=1)
+    return s, n
+
+
+class ConceptCrossAttention(nnx.Module):
+    """Tokens (queries) over concepts (keys/values), QK-RMSNorm per head, no RoPE."""
+
+    def __init__(self, d_model: int, d_concept: int, n_heads: int, head_dim: int, *, norm_eps: float,
+                 rngs: nnx.Rngs, dtype, param_dtype, out_scale: float):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.q = dense(d_model, n_heads * head_dim, ("embed", "heads"), **kw)
+        self.k = dense(d_concept, n_heads * head_dim, ("embed", "heads"), **kw)
+        self.v = dense(d_concept, n_heads * head_dim, ("embed", "heads"), **kw)
+        self.o = dense(n_heads * head_dim, d_model, ("heads", "embed"), scale=out_scale, **kw)
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype)
+
+    def query(self, h_BxLxD):
+        b, l, _ = h_BxLxD.shape
+        return self.q_norm(self.q(h_BxLxD).reshape(b, l, self.n_heads, self.head_dim))
+
+    def kv(self, z_BxMxC):
+        b, m, _ = z_BxMxC.shape
+        k = self.k_norm(self.k(z_BxMxC).reshape(b, m, self.n_heads, self.head_dim))
+        return k, self.v(z_BxMxC).reshape(b, m, self.n_heads, self.head_dim)
+
+    def out(self, o_BxLxHxD):
+        b, l = o_BxLxHxD.shape[:2]
+        return self.o(o_BxLxHxD.reshape(b, l, self.n_heads * self.head_dim))
+
+
+# ---- the model ----------------------------------------------------------------------------------------------
+class DLCMLM(nnx.Module):
+    config_class = DLCMConfig
+
+    def __init__(self, cfg: DLCMConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        self.dtype = dt = dtype_of(cfg.dtype)
+        pdt = dtype_of(cfg.param_dtype)
+        kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
+        d, c = cfg.d_model, cfg.d_concept
+        self.embed = embed_init(rngs, cfg.vocab_size, d, pdt, cfg.tie_embeddings)
+        enc_cfg, dec_cfg = cfg.token_stack(cfg.enc_layers), cfg.token_stack(cfg.dec_layers)
+        self.enc_blocks = nnx.List([DecoderBlock(enc_cfg, rngs=rngs) for _ in range(cfg.enc_layers)])
+        self.enc_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
+        if cfg.scan_dim == d:
+            init = nnx.with_partitioning(_identity_init, ("embed", None))
+            self.w_q = nnx.Linear(d, d, use_bias=False, kernel_init=init, **kw)
+            self.w_k = nnx.Linear(d, d, use_bias=False, kernel_init=init, **kw)
+        else:
+            self.w_q = dense(d, cfg.scan_dim, ("embed", None), **kw)
+            self.w_k = dense(d, cfg.scan_dim, ("embed", None), **kw)
+        self.w_up = dense(d, c, ("embed", None), **kw)
+        self.bb_blocks = nnx.List([DecoderBlock(cfg.backbone_stack(), rngs=rngs) for _ in range(cfg.bb_layers)])
+        self.bb_norm = RMSNorm(c, eps=cfg.norm_eps, param_dtype=pdt)
+        self.null_concept = nnx.Param(jax.random.normal(rngs.params(), (c,), pdt), out_sharding=("embed",))
+        out_scale = 1.0 / math.sqrt(2 * (cfg.dec_layers + 1))
+        self.cross = ConceptCrossAttention(d, c, cfg.cross_heads, cfg.cross_hd, norm_eps=cfg.norm_eps,
+                                           out_scale=out_scale, **kw)
+        if cfg.cross_mlp:
+            self.cross_mlp_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
+            self.cross_ffn = SwiGLU(d, cfg.mlp_hidden or mlp_hidden_default(d), out_scale=out_scale, **kw)
+        self.dec_blocks = nnx.List([DecoderBlock(dec_cfg, rngs=rngs) for _ in range(cfg.dec_layers)])
+        self.final_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
+        if not cfg.tie_embeddings:
+            self.head = dense(d, cfg.vocab_size, ("embed", "vocab"), **kw)
+
+    # ---- shared pieces ---------------------------------------------------------------------------------
+    def _embed(self, tokens):
+        return self.embed(tokens).astype(self.dtype)
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            w = self.embed.embedding[...].astype(self.dtype)
+            return jnp.einsum("bld,vd->blv", x, w, preferred_element_type=jnp.float32)
+        return self.head(x).astype(jnp.float32)
+
+    def _stack(self, blocks, x, pos, mask):
+        for blk in blocks:
+            if self.cfg.remat:
+                x = nnx.remat(lambda m, y: m(y, pos, mask))(blk, x)
+            else:
+                x = blk(x, pos, mask)
+        return x
+
+    def _concepts_in(self, sum_f32, cnt):
+        """Concept vectors c = W_up mean(h) from an fp32 sum and a count (an empty segment gives 0)."""
+        mean = sum_f32 / jnp.maximum(cnt, 1).astype(jnp.float32)[..., None]
+        return self.w_up(mean.astype(self.dtype))
+
+    def _null_kv(self, b):
+        z0 = jnp.broadcast_to(self.null_concept[...].astype(self.dtype), (b, 1, self.cfg.d_concept))
+        return self.cross.kv(z0)
+
+    def _fuse(self, h, o):
+        """Residual cross-attention output onto h, then the optional SwiGLU."""
+        u = h + self.cross.out(o)
+        if self.cfg.cross_mlp:
+            u = u + self.cross_ffn(self.cross_mlp_norm(u))
+        return u
+
+    # ---- training / evaluation forward -------------------------------------------------------------------
+    def _encode(self, tokens_BxL, prefix_len_B=None, rng=None):
+        """Encoder states h, boundary probabilities p (fp32, p = 1 at position 0) and boundaries b."""
+        b, l = tokens_BxL.shape
+        pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        mask = causal_mask(pos, prefix_len_B)
+        h = self.enc_norm(self._stack(self.enc_blocks, self._embed(tokens_BxL), pos, mask))
+        q, k = self.w_q(h), self.w_k(h)
+        q_prev = jnp.concatenate([jnp.zeros_like(q[:, :1]), q[:, :-1]], axis=1)
+        first = pos == 0
+        p = jnp.where(first, 1.0, boundary_prob(q_prev, k))
+        if rng is None:
+            bnd = p >= 0.5
+        else:
+            bnd = jax.random.bernoulli(rng, jax.lax.stop_gradient(sharpen(p, self.cfg.sharpen)))
+        return h, p, jax.lax.stop_gradient(bnd | first), pos, mask
+
+    def boundaries(self, tokens_BxL, prefix_len_B=None, *, rng=None):
+        """(p, b): boundary probabilities and decisions (b_t = 1: token t starts a concept), for analysis."""
+        _, p, bnd, _, _ = self._encode(tokens_BxL, prefix_len_B, rng)
+        return p, bnd
+
+    def __call__(self, tokens_BxL, prefix_len_B=None, *, rng=None):
+        """Logits (fp32) and aux. With `rng` (training), boundaries are sampled; without, p >= 0.5.
+
+        Prefix-LM: the token stacks see the prefix bidirectionally; the concept path stays causal, which
+        keeps every target's prediction free of later targets.
+        """
+        cfg = self.cfg
+        b, l = tokens_BxL.shape
+        h, p, bnd, pos, mask = self._encode(tokens_BxL, prefix_len_B, rng)
+        seg = jnp.cumsum(bnd.astype(jnp.int32), axis=1) - 1  # t's own concept; 0 .. seg-1 are closed
+
+        # concepts: segment means (fp32 sums), dropping concepts beyond the slot budget
+        m = min(cfg.max_concepts or l, l)
+        seg_m = jnp.where(seg < m, seg, m)  # out of range: dropped by segment_sum
+        pool = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, m, indices_are_sorted=True))
+        sums = pool(h.astype(jnp.float32), seg_m)
+        cnts = pool(jnp.ones((b, l), jnp.int32), seg_m)
+        cpos = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
+        z = self.bb_norm(self._stack(self.bb_blocks, self._concepts_in(sums, cnts), cpos, causal_mask(cpos)))
+
+        # strict cross-attention: key kk (0 = null, k + 1 = concept k) visible iff kk <= seg_t
+        kz, vz = self.cross.kv(z)
+        k0, v0 = self._null_kv(b)
+        keys, vals = jnp.concatenate([k0, kz], axis=1), jnp.concatenate([v0, vz], axis=1)
+        vis = jnp.arange(m + 1, dtype=jnp.int32)[None, None, :] <= seg[:, :, None]
+        o = masked_attention(self.cross.query(h), keys, vals, vis)
+        y = self._stack(self.dec_blocks, self._fuse(h, o), pos, mask)
+
+        f = jnp.mean(bnd.astype(jnp.float32))  # no gradient (discrete)
+        g = jnp.mean(p)
+        l_aux = parser_loss(f, g, cfg.target_ratio)
+        n_concepts = seg[:, -1] + 1
+        aux = {"loss_parser": cfg.aux_weight * l_aux, "parser_aux": l_aux, "boundary_rate": f,
+               "boundary_prob": g, "tokens_per_concept": 1.0 / f,
+               "concept_overflow": jnp.mean((n_concepts > m).astype(jnp.float32))}
+        return self._logits(y), aux
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs per token of the training step as executed (6 N_matmul + 12 L d_attn per attention,
+        causal attention counted in full as in bench_train): the backbone runs over all the static concept
+        slots (max_concepts or seq_len), whatever the realised number of concepts."""
+        cfg = self.cfg
+
+        def n(*mods):
+            return sum(x.size for m in mods for x in jax.tree.leaves(nnx.state(m, nnx.Param)) if x.ndim >= 2)
+
+        m = min(cfg.max_concepts or seq_len, seq_len)
+        per_token = n(self.enc_blocks, self.dec_blocks, self.w_q, self.w_k, self.cross.q, self.cross.o)
+        per_token += n(self.cross_ffn) if cfg.cross_mlp else 0
+        per_token += cfg.vocab_size * cfg.d_model  # the head (tied or not)
+        per_slot = n(self.bb_blocks, self.w_up, self.cross.k, self.cross.v)
+        bb = cfg.backbone_stack()
+        attn = 12.0 * (cfg.enc_layers + cfg.dec_layers) * seq_len * cfg.n_heads * cfg.hd
+        attn += 12.0 * cfg.bb_layers * m * bb.n_heads * bb.hd * m / seq_len
+        attn += 12.0 * (m + 1) * cfg.cross_heads * cfg.cross_hd
+        return 6.0 * (per_token + per_slot * m / seq_len) + attn
+
+    # ---- decoding contract --------------------------------------------------------------------------------
+    def cache_capacity(self, max_len: int) -> int:
+        """Token slots allocated for a requested max_len (rounded up to the attention block); the concept
+        caches hold one more (the null concept) so that one concept per token always fits."""
+        blk = self.cfg.attn_block
+        return -(-max_len // blk) * blk
+
+    def _concept_capacity(self, max_len: int) -> int:
+        blk = self.cfg.attn_block
+        return -(-(max_len + 1) // blk) * blk
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        cfg = self.cfg
+        s, sc = self.cache_capacity(max_len), self._concept_capacity(max_len)
+        tok_shape = (batch, s, cfg.token_stack(1).kv_heads, cfg.hd)
+        bb = cfg.backbone_stack()
+        bb_shape = (batch, sc, bb.kv_heads, bb.hd)
+        x_shape = (batch, sc, cfg.cross_heads, cfg.cross_hd)
+
+        # Each leaf is its own buffer: one shared zeros array cannot be donated twice.
+        def kv(shape, n):
+            return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in range(n)]
+
+        return {"lengths": jnp.zeros((batch,), jnp.int32), "J": jnp.zeros((batch,), jnp.int32),
+                "seg_sum": jnp.zeros((batch, cfg.d_model), jnp.float32),
+                "seg_cnt": jnp.zeros((batch,), jnp.int32),
+                "prev_h": jnp.zeros((batch, cfg.d_model), self.dtype),
+                "enc": kv(tok_shape, cfg.enc_layers), "bb": kv(bb_shape, cfg.bb_layers),
+                "cross": kv(x_shape, 1)[0], "dec": kv(tok_shape, cfg.dec_layers)}
+
+    def extend(self, tokens_BxK, cache):
+        cfg = self.cfg
+        b, k = tokens_BxK.shape
+        blk = cfg.attn_block
+        lengths, j0 = cache["lengths"], cache["J"]
+        rows = jnp.arange(b)[:, None]
+        ar = jnp.arange(k, dtype=jnp.int32)[None, :]
+        pos = lengths[:, None] + ar
+        tok_cap = cache["enc"][0]["k"].shape[1]
+        con_cap = cache["cross"]["k"].shape[1]
+        n_tok = jnp.minimum((jnp.max(lengths) + k + blk - 1) // blk, tok_cap // blk)
+        n_con = jnp.minimum((jnp.max(j0) + k + 1 + blk - 1) // blk, con_cap // blk)
+
+        # encoder
+        x = self._embed(tokens_BxK)
+        enc = []
+        for blk_m, c in zip(self.enc_blocks, cache["enc"]):
+            x, c = blk_m.extend(x, pos, c, n_tok)
+            enc.append(c)
+        h = self.enc_norm(x)
+
+        # boundaries: token i closes the open concept iff it starts a new one at a position > 0
+        h_prev = jnp.concatenate([cache["prev_h"][:, None].astype(h.dtype), h[:, :-1]], axis=1)
+        bnd = boundary_prob(self.w_q(h_prev), self.w_k(h)) >= 0.5
+        close = bnd & (pos > 0)
+        c_idx = jnp.cumsum(close.astype(jnp.int32), axis=1)  # closes so far in the block
+        j_after = j0[:, None] + c_idx  # closed concepts visible to token i
+
+        # running state of the open concept after each token, and the concepts closed in the block
+        run_sum, run_cnt = _segmented_cumsum(close, h.astype(jnp.float32), jnp.ones((b, k), jnp.int32))
+        in_open = (c_idx == 0)
+        run_sum = run_sum + jnp.where(in_open[..., None], cache["seg_sum"][:, None], 0.0)
+        run_cnt = run_cnt + jnp.where(in_open, cache["seg_cnt"][:, None], 0)
+        prev_sum = jnp.concatenate([cache["seg_sum"][:, None], run_sum[:, :-1]], axis=1)
+        prev_cnt = jnp.concatenate([cache["seg_cnt"][:, None], run_cnt[:, :-1]], axis=1)
+        dest = jnp.where(close, c_idx - 1, k)  # packed slot r of the concept closed at token i
+        packed_sum = jnp.zeros_like(prev_sum).at[rows, dest].set(prev_sum, mode="drop")
+        packed_cnt = jnp.zeros_like(prev_cnt).at[rows, dest].set(prev_cnt, mode="drop")
+
+        # backbone over the K packed slots at concept positions J0 .. J0+K-1 (slots >= new J are garbage)
+        cpos = j0[:, None] + ar
+        zc = self._concepts_in(packed_sum, packed_cnt)
+        bb = []
+        for blk_m, c in zip(self.bb_blocks, cache["bb"]):
+            zc, c = blk_m.extend(zc, cpos, c, n_con)
+            bb.append(c)
+        kz, vz = self.cross.kv(self.bb_norm(zc))
+        k0, v0 = self._null_kv(b)
+        slots = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cpos + 1], axis=1)
+        ck = scatter_rows(cache["cross"]["k"], jnp.concatenate([k0, kz], axis=1), slots)
+        cv = scatter_rows(cache["cross"]["v"], jnp.concatenate([v0, vz], axis=1), slots)
+
+        # strict cross-attention: token i sees slots 0 .. J_i (null + closed concepts)
+        key_pos = jnp.broadcast_to(jnp.arange(con_cap, dtype=jnp.int32), (b, con_cap))
+        o = blocked_cache_attention(self.cross.query(h), ck, cv, key_pos, j_after, block=blk,
+                                    n_valid_blocks=n_con)
+        x = self._fuse(h, o)
+        dec = []
+        for blk_m, c in zip(self.dec_blocks, cache["dec"]):
+            x, c = blk_m.extend(x, pos, c, n_tok)
+            dec.append(c)
+
+        pending = {"J": j_after, "seg_sum": run_sum, "seg_cnt": run_cnt, "prev_h": h}
+        new = {**cache, "enc": enc, "bb": bb, "cross": {"k": ck, "v": cv}, "dec": dec, "pending": pending}
+        return self._logits(x), new
+
+    def commit(self, cache, n_B):
+        if "pending" not in cache:
+            raise ValueError("commit needs the cache returned by extend (it holds the pending state)")
+        pend = cache["pending"]
+        n = n_B.astype(jnp.int32)
+        k = pend["J"].shape[1]
+        idx = jnp.clip(n - 1, 0, k - 1)
+        rows = jnp.arange(n.shape[0])
+        has = n > 0
+
+        def pick(new_BxK, old_B):
+            sel = new_BxK[rows, idx]
+            keep = has.reshape((-1,) + (1,) * (sel.ndim - 1))
+            return jnp.where(keep, sel, old_B).astype(old_B.dtype)
+
+        out = {key: v for key, v in cache.items() if key != "pending"}
+        out["lengths"] = cache["lengths"] + n
+        for key in ("J", "seg_sum", "seg_cnt", "prev_h"):
+            out[key] = pick(pend[key], cache[key])
+        return out
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
