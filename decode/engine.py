@@ -378,7 +378,10 @@ class Engine:
             for i in np.flatnonzero(live):
                 room = min(kmax, int(req.max_new_B[i]) - len(emitted[i]) - 1)
                 if room > 0:
-                    drafts[i] = np.asarray(drafters[i].draft(room), np.int32).reshape(-1)[:room]
+                    d = np.asarray(drafters[i].draft(room)).reshape(-1)[:room]
+                    if d.size and (d.min() < 0 or d.max() >= self.vocab_size):  # a drafter bug, not user input
+                        raise ValueError(f"drafter {i} proposed token ids outside [0, {self.vocab_size}): {d}")
+                    drafts[i] = d.astype(np.int32)
             draft_s += time.perf_counter() - td
             dlen = np.array([len(x) for x in drafts], np.int32)
             k = next(s for s in self.verify_sizes if s >= dlen.max())
