@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import (Attention, RMSNorm, SwiGLU, blocked_cache_attention, causal_mask, dense, dtype_of,
-                           mlp_hidden_default, scatter_rows)
+                           mlp_hidden_default, scatter_rows_heads_first)
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,11 @@ class DecoderBlock(nnx.Module):
 
     def extend(self, x, pos_BxK, cache, n_blocks):
         q, k, v = self.attn.qkv(self.attn_norm(x), pos_BxK)
-        kc = scatter_rows(cache["k"], k, pos_BxK)
-        vc = scatter_rows(cache["v"], v, pos_BxK)
-        key_pos = jnp.broadcast_to(jnp.arange(kc.shape[1], dtype=jnp.int32), kc.shape[:2])
-        o = blocked_cache_attention(q, kc, vc, key_pos, pos_BxK, block=self.block, n_valid_blocks=n_blocks)
+        kc = scatter_rows_heads_first(cache["k"], k, pos_BxK)
+        vc = scatter_rows_heads_first(cache["v"], v, pos_BxK)
+        key_pos = jnp.broadcast_to(jnp.arange(kc.shape[2], dtype=jnp.int32), (kc.shape[0], kc.shape[2]))
+        o = blocked_cache_attention(q, kc, vc, key_pos, pos_BxK, block=self.block, n_valid_blocks=n_blocks,
+                                    heads_first=True)
         x = x + self.attn.out(o)
         return x + self.mlp(self.mlp_norm(x)), {"k": kc, "v": vc}
 
@@ -135,7 +136,7 @@ class DecoderLM(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         s = self.cache_capacity(max_len)
-        shape = (batch, s, self.cfg.kv_heads, self.cfg.hd)
+        shape = (batch, self.cfg.kv_heads, s, self.cfg.hd)  # heads first: blocks are contiguous per head
         # Each leaf is its own buffer: one shared zeros array cannot be donated twice.
         layers = [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
                   for _ in range(self.cfg.n_layers)]
@@ -146,7 +147,7 @@ class DecoderLM(nnx.Module):
         lengths = cache["lengths"]
         pos_BxK = lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
         blk = self.cfg.attn_block
-        n_blocks = jnp.minimum((jnp.max(lengths) + k + blk - 1) // blk, cache["layers"][0]["k"].shape[1] // blk)
+        n_blocks = jnp.minimum((jnp.max(lengths) + k + blk - 1) // blk, cache["layers"][0]["k"].shape[2] // blk)
         x = self._embed(tokens_BxK)
         new_layers = []
         for blk, c in zip(self.blocks, cache["layers"]):

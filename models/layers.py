@@ -89,45 +89,59 @@ def masked_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, mask_BxLxS):
     return o.reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
 
 
-def blocked_cache_attention(q_BxKxHxD, k_BxSxGxD, v_BxSxGxD, key_pos_BxS, q_pos_BxK, *, block: int,
-                            window: int = 0, n_valid_blocks=None):
+def blocked_cache_attention(q_BxKxHxD, k_cache, v_cache, key_pos_BxS, q_pos_BxK, *, block: int,
+                            window: int = 0, n_valid_blocks=None, heads_first: bool = False):
     """Attention of K new queries over a preallocated cache, reading only the blocks that hold keys.
 
     Keys are masked by position: key j is visible to query i iff 0 <= pos_j <= pos_i (and, with a window W,
     pos_i - pos_j < W). Slots with position -1 are empty. The loop runs over ceil(filled / block) blocks, so
     the cost grows with the context actually held, not with the buffer size. Online softmax in fp32.
+
+    The cache is [B, S, G, D], or [B, G, S, D] with heads_first. Heads-first keeps each block a contiguous
+    slice per KV head, so XLA:CPU reads it in place instead of copying it every step (measured: 8.5 -> 7.9 ms
+    per decode step for the 26M decoder at batch 1, 44 -> 35 ms at batch 8).
     """
     b, kq, h, d = q_BxKxHxD.shape
-    s_total, g = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
+    s_axis = 2 if heads_first else 1
+    s_total = k_cache.shape[s_axis]
+    g = k_cache.shape[1] if heads_first else k_cache.shape[2]
     assert s_total % block == 0, (s_total, block)
-    q = _grouped(q_BxKxHxD, g).astype(jnp.float32) / math.sqrt(d)
     r = h // g
+    # queries of one KV group side by side: n = k * R + r
+    q_BxGxNxD = jnp.transpose(_grouped(q_BxKxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, kq * r, d)
+    q_BxGxNxD = q_BxGxNxD.astype(jnp.float32) / math.sqrt(d)
     if n_valid_blocks is None:
         n_valid_blocks = s_total // block
 
     def body(i, carry):
         m, l, acc = carry
         start = i * block
-        kb = jax.lax.dynamic_slice_in_dim(k_BxSxGxD, start, block, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v_BxSxGxD, start, block, axis=1)
+        kb = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=s_axis).astype(jnp.float32)
+        vb = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=s_axis).astype(jnp.float32)
         pb = jax.lax.dynamic_slice_in_dim(key_pos_BxS, start, block, axis=1)
-        s = jnp.einsum("bkgrd,bsgd->bgrks", q, kb.astype(jnp.float32))
+        if heads_first:
+            s = jnp.einsum("bgnd,bgsd->bgns", q_BxGxNxD, kb)
+        else:
+            s = jnp.einsum("bgnd,bsgd->bgns", q_BxGxNxD, kb)
         vis_BxKxS = (pb[:, None, :] >= 0) & (pb[:, None, :] <= q_pos_BxK[:, :, None])
         if window:
             vis_BxKxS &= (q_pos_BxK[:, :, None] - pb[:, None, :]) < window
-        s = jnp.where(vis_BxKxS[:, None, None], s, NEG_INF)
+        vis_Bx1xNxS = jnp.repeat(vis_BxKxS, r, axis=1)[:, None]
+        s = jnp.where(vis_Bx1xNxS, s, NEG_INF)
         m_new = jnp.maximum(m, s.max(-1))
         corr = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l_new = l * corr + p.sum(-1)
-        acc_new = acc * corr[..., None] + jnp.einsum("bgrks,bsgd->bgrkd", p, vb.astype(jnp.float32))
-        return m_new, l_new, acc_new
+        pv = jnp.einsum("bgns,bgsd->bgnd", p, vb) if heads_first else jnp.einsum("bgns,bsgd->bgnd", p, vb)
+        return m_new, l_new, acc * corr[..., None] + pv
 
-    init = (jnp.full((b, g, r, kq), NEG_INF, jnp.float32), jnp.zeros((b, g, r, kq), jnp.float32),
-            jnp.zeros((b, g, r, kq, d), jnp.float32))
+    n = kq * r
+    init = (jnp.full((b, g, n), NEG_INF, jnp.float32), jnp.zeros((b, g, n), jnp.float32),
+            jnp.zeros((b, g, n, d), jnp.float32))
     _, l, acc = jax.lax.fori_loop(0, n_valid_blocks, body, init)
-    o = acc / jnp.maximum(l, 1e-30)[..., None]
-    return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, kq, h, d).astype(q_BxKxHxD.dtype)
+    o_BxGxNxD = acc / jnp.maximum(l, 1e-30)[..., None]
+    o = jnp.transpose(o_BxGxNxD.reshape(b, g, kq, r, d), (0, 2, 1, 3, 4))
+    return o.reshape(b, kq, h, d).astype(q_BxKxHxD.dtype)
 
 
 class Attention(nnx.Module):
@@ -178,3 +192,11 @@ def scatter_rows(buf_BxSx, new_BxKx, idx_BxK):
     """Write new[b, i] to buf[b, idx[b, i]] (per-row positions); out-of-range indices are dropped."""
     b = buf_BxSx.shape[0]
     return buf_BxSx.at[jnp.arange(b)[:, None], idx_BxK].set(new_BxKx.astype(buf_BxSx.dtype), mode="drop")
+
+
+def scatter_rows_heads_first(buf_BxGxSxD, new_BxKxGxD, idx_BxK):
+    """scatter_rows for a heads-first [B, G, S, D] cache: new[b, i, g] goes to buf[b, g, idx[b, i]]."""
+    b = buf_BxGxSxD.shape[0]
+    new = jnp.transpose(new_BxKxGxD, (0, 2, 1, 3)).astype(buf_BxGxSxD.dtype)  # [B, G, K, D]
+    return buf_BxGxSxD.at[jnp.arange(b)[:, None, None], jnp.arange(buf_BxGxSxD.shape[1])[None, :, None],
+                          idx_BxK[:, None, :]].set(new, mode="drop")
