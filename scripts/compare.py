@@ -28,6 +28,9 @@ def read_run(run_dir: Path) -> dict:
     for path in sorted(run_dir.glob("eval_*.json")):
         rep = json.loads(path.read_text())
         evals[rep["drafter"]] = rep
+    if evals and "none" not in evals:  # every speculative report carries its plain baseline
+        base = next(iter(evals.values()))["baseline"]
+        evals["none"] = {"drafter": "none", "tokens_per_s": base["tokens_per_s"], "mat": 1.0, "speedup": None}
     summary = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -37,7 +40,8 @@ def read_run(run_dir: Path) -> dict:
 
 
 def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    drafters = sorted({d for r in runs for d in r["evals"]}, key=["none", "pld", "sam", "sam+recycle"].index)
+    order = ["none", "pld", "recycle", "sam", "sam+recycle"]
+    drafters = sorted({d for r in runs for d in r["evals"]}, key=order.index)
     head = ["run", "arch", "params", "steps", "train tok/s", "val bpb"]
     for d in drafters:
         head += [f"{d} tok/s", f"{d} MAT"] + ([f"{d} speedup"] if d != "none" else [])
@@ -78,7 +82,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
             axes[0].plot(*zip(*r["val"]), "o--", label=f"{r['name']} val")
     axes[0].set(xlabel="step", ylabel="bits per byte", title="Training and validation")
     axes[0].legend(fontsize=8)
-    drafters = ["none", "pld", "sam", "sam+recycle"]
+    drafters = ["none", "pld", "recycle", "sam", "sam+recycle"]
     width = 0.8 / max(1, len(runs))
     for i, r in enumerate(runs):
         ds = [d for d in drafters if d in r["evals"]]

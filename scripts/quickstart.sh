@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 P=.venv/bin/python
 RUNS=${RUNS:-runs}
-ARCHS=${ARCHS:-"decoder samba"}
+ARCHS=${ARCHS:-"decoder samba dlcm"}
 N_PROMPTS=${N_PROMPTS:-6}
 NEW_TOKENS=${NEW_TOKENS:-128}
 
@@ -29,11 +29,9 @@ step "held-out code-continuation prompts"
 $P -m decode.prompts "$RUNS/${first}_tiny" --out "$RUNS/prompts.jsonl" --n "$N_PROMPTS" --prompt-tokens 256
 
 for arch in $ARCHS; do
-  for drafter in none pld sam; do
-    step "decoding eval: ${arch}_tiny, drafter $drafter"
-    $P -m decode.eval "$RUNS/${arch}_tiny" --prompts "$RUNS/prompts.jsonl" --drafter "$drafter" \
-      --sam "$RUNS/sam" --max-new-tokens "$NEW_TOKENS" --out "$RUNS/${arch}_tiny/eval_${drafter}.json"
-  done
+  step "decoding eval: ${arch}_tiny, plain vs pld vs sam (greedy; speculative output must equal plain)"
+  $P -m decode.eval "$RUNS/${arch}_tiny" --prompts "$RUNS/prompts.jsonl" --drafter pld,sam \
+    --sam "$RUNS/sam" --max-new-tokens "$NEW_TOKENS" --out "$RUNS/${arch}_tiny/"
 done
 
 step "comparison"

@@ -128,11 +128,13 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path):
         assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in r.stderr, (args, r.stderr)
         assert not run.exists(), args
     # a run directory holding another architecture's config is refused and left untouched
-    other = tmp_path / "other"
-    other.mkdir()
-    wider = raw | {"model": {"arch": "decoder", "d_model": 48, "n_layers": 2, "n_heads": 2}}
-    (other / "config.toml").write_text(dumps(from_dict(wider, "other")))
-    before = (other / "config.toml").read_text()
-    r = _cli([str(good), "--run-dir", str(other)], tmp_path)
-    assert r.returncode == 2 and "different settings" in r.stderr
-    assert (other / "config.toml").read_text() == before and sorted(os.listdir(other)) == ["config.toml"]
+    for name, model in {"samba": {"arch": "samba", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 16},
+                        "wider": {"arch": "decoder", "d_model": 48, "n_layers": 2, "n_heads": 2}}.items():
+        other = tmp_path / f"other_{name}"
+        other.mkdir()
+        (other / "config.toml").write_text(dumps(from_dict(raw | {"model": model}, name)))
+        before = (other / "config.toml").read_text()
+        r = _cli([str(good), "--run-dir", str(other)], tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert ("holds a 'samba' run" if name == "samba" else "different settings") in r.stderr
+        assert (other / "config.toml").read_text() == before and sorted(os.listdir(other)) == ["config.toml"]
