@@ -27,6 +27,9 @@ at J..J+K-1 (the unused ones are garbage beyond the new J, hence inert), and eac
 query position is its own J_t. The per-position state after each of the K tokens is returned as pending
 entries; `commit(n)` selects the state after exactly n tokens and returns the structure of `init_cache`.
 Concept caches hold max_len + 1 slots: one concept per token is the worst case.
+Boundaries are a threshold on p: paths that round differently (the cached extend vs the full forward, K = 1 vs
+K > 1, and above all bf16 compute) can decide differently for a p within rounding of 1/2, after which the
+concepts differ. Exactness is tested in fp32; for bit-exact speculative = plain greedy, decode in fp32.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from flax import nnx
 
 from models.decoder import DecoderBlock, DecoderConfig, embed_init
 from models.layers import (RMSNorm, SwiGLU, blocked_cache_attention, causal_mask, dense, dtype_of,
-                           masked_attention, mlp_hidden_default, scatter_rows)
+                           masked_attention, mlp_hidden_default, scatter_rows_heads_first)
 
 
 @dataclass(frozen=True)
@@ -362,10 +365,11 @@ class DLCMLM(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> dict:
         cfg = self.cfg
         s, sc = self.cache_capacity(max_len), self._concept_capacity(max_len)
-        tok_shape = (batch, s, cfg.token_stack(1).kv_heads, cfg.hd)
+        # [B, G, S, D] (heads first), the layout DecoderBlock.extend reads and writes
+        tok_shape = (batch, cfg.token_stack(1).kv_heads, s, cfg.hd)
         bb = cfg.backbone_stack()
-        bb_shape = (batch, sc, bb.kv_heads, bb.hd)
-        x_shape = (batch, sc, cfg.cross_heads, cfg.cross_hd)
+        bb_shape = (batch, bb.kv_heads, sc, bb.hd)
+        x_shape = (batch, cfg.cross_heads, sc, cfg.cross_hd)
 
         # Each leaf is its own buffer: one shared zeros array cannot be donated twice.
         def kv(shape, n):
@@ -386,8 +390,8 @@ class DLCMLM(nnx.Module):
         rows = jnp.arange(b)[:, None]
         ar = jnp.arange(k, dtype=jnp.int32)[None, :]
         pos = lengths[:, None] + ar
-        tok_cap = cache["enc"][0]["k"].shape[1]
-        con_cap = cache["cross"]["k"].shape[1]
+        tok_cap = cache["enc"][0]["k"].shape[2]
+        con_cap = cache["cross"]["k"].shape[2]
         n_tok = jnp.minimum((jnp.max(lengths) + k + blk - 1) // blk, tok_cap // blk)
         n_con = jnp.minimum((jnp.max(j0) + k + 1 + blk - 1) // blk, con_cap // blk)
 
@@ -427,13 +431,13 @@ class DLCMLM(nnx.Module):
         kz, vz = self.cross.kv(self.bb_norm(zc))
         k0, v0 = self._null_kv(b)
         slots = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cpos + 1], axis=1)
-        ck = scatter_rows(cache["cross"]["k"], jnp.concatenate([k0, kz], axis=1), slots)
-        cv = scatter_rows(cache["cross"]["v"], jnp.concatenate([v0, vz], axis=1), slots)
+        ck = scatter_rows_heads_first(cache["cross"]["k"], jnp.concatenate([k0, kz], axis=1), slots)
+        cv = scatter_rows_heads_first(cache["cross"]["v"], jnp.concatenate([v0, vz], axis=1), slots)
 
         # strict cross-attention: token i sees slots 0 .. J_i (null + closed concepts)
         key_pos = jnp.broadcast_to(jnp.arange(con_cap, dtype=jnp.int32), (b, con_cap))
         o = blocked_cache_attention(self.cross.query(h), ck, cv, key_pos, j_after, block=blk,
-                                    n_valid_blocks=n_con)
+                                    n_valid_blocks=n_con, heads_first=True)
         x = self._fuse(h, o)
         dec = []
         for blk_m, c in zip(self.dec_blocks, cache["dec"]):

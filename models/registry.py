@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from flax import nnx
 
-from models.decoder import DecoderConfig, DecoderLM
+from models.decoder import DecoderLM
+from models.dlcm import DLCMLM
+from models.samba import SambaLM
 
-MODELS = {"decoder": DecoderLM}
-try:  # architectures land one at a time; a missing one is simply not registered
-    from models.samba import SambaConfig, SambaLM
-    MODELS["samba"] = SambaLM
-except ImportError:
-    pass
-try:
-    from models.dlcm import DLCMConfig, DLCMLM
-    MODELS["dlcm"] = DLCMLM
-except ImportError:
-    pass
-
+MODELS = {"decoder": DecoderLM, "samba": SambaLM, "dlcm": DLCMLM}
 MODEL_CONFIGS = {name: cls.config_class for name, cls in MODELS.items()}
 
 

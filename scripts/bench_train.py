@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v5p": 459.0}
 
 
-def model_flops_per_token(cfg, n_params: int) -> float:
+def model_flops_per_token(cfg, n_params: int, model=None) -> float:
+    if hasattr(model, "flops_per_token"):  # models whose cost is not "6N + attention" say so themselves
+        return float(model.flops_per_token(cfg.data.seq_len))
     m = cfg.model
     n_embed = m.vocab_size * m.d_model
     dense = n_params - n_embed + (n_embed if m.tie_embeddings else 0)  # the head matmul counts, the lookup not
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     tps = b * l / step_s
-    fpt = model_flops_per_token(cfg, n_params)
+    fpt = model_flops_per_token(cfg, n_params, build_model(cfg.model, seed=0))
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", str(dev))
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
