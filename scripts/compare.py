@@ -82,7 +82,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
             axes[0].plot(*zip(*r["val"]), "o--", label=f"{r['name']} val")
     axes[0].set(xlabel="step", ylabel="bits per byte", title="Training and validation")
     axes[0].legend(fontsize=8)
-    drafters = ["none", "pld", "recycle", "sam", "sam+recycle"]
+    drafters = [d for d in ("none", "pld", "recycle", "sam", "sam+recycle") if any(d in r["evals"] for r in runs)]
     width = 0.8 / max(1, len(runs))
     for i, r in enumerate(runs):
         ds = [d for d in drafters if d in r["evals"]]
