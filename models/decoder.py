@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import (Attention, RMSNorm, SwiGLU, blocked_cache_attention, causal_mask, dense, dtype_of,
+from models.layers import (Attention, RMSNorm, SwiGLU, TokenIO, blocked_cache_attention, causal_mask, dtype_of,
                            mlp_hidden_default, scatter_rows_heads_first)
 
 
@@ -60,12 +60,6 @@ class DecoderConfig:
         dtype_of(self.dtype), dtype_of(self.param_dtype)
 
 
-def embed_init(rngs: nnx.Rngs, vocab: int, d: int, param_dtype, tied: bool) -> nnx.Embed:
-    init = nnx.initializers.normal(stddev=1.0 / math.sqrt(d) if tied else 1.0)
-    return nnx.Embed(vocab, d, param_dtype=param_dtype, rngs=rngs,
-                     embedding_init=nnx.with_partitioning(init, ("vocab", "embed")))
-
-
 class DecoderBlock(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -92,29 +86,16 @@ class DecoderBlock(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), {"k": kc, "v": vc}
 
 
-class DecoderLM(nnx.Module):
+class DecoderLM(TokenIO, nnx.Module):
     config_class = DecoderConfig
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype_of(cfg.dtype)
         pdt = dtype_of(cfg.param_dtype)
-        self.embed = embed_init(rngs, cfg.vocab_size, cfg.d_model, pdt, cfg.tie_embeddings)
+        self._init_embed(cfg, cfg.d_model, rngs, pdt)
         self.blocks = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
-        if not cfg.tie_embeddings:
-            self.head = dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=self.dtype,
-                              param_dtype=pdt)
-
-    def _embed(self, tokens):
-        return self.embed(tokens).astype(self.dtype)
-
-    def _logits(self, x):
-        x = self.final_norm(x)
-        if self.cfg.tie_embeddings:
-            w = self.embed.embedding[...].astype(self.dtype)
-            return jnp.einsum("bld,vd->blv", x, w, preferred_element_type=jnp.float32)
-        return self.head(x).astype(jnp.float32)
+        self._init_head(cfg, cfg.d_model, rngs, pdt)
 
     def __call__(self, tokens_BxL, prefix_len_B=None):
         b, l = tokens_BxL.shape

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.decoder import DecoderBlock, DecoderConfig, embed_init
-from models.layers import (RMSNorm, SwiGLU, blocked_cache_attention, causal_mask, dense, dtype_of,
+from models.decoder import DecoderBlock, DecoderConfig
+from models.layers import (RMSNorm, SwiGLU, TokenIO, blocked_cache_attention, causal_mask, dense, dtype_of,
                            masked_attention, mlp_hidden_default, scatter_rows_heads_first)
 
 
@@ -201,7 +201,7 @@ class ConceptCrossAttention(nnx.Module):
 
 
 # ---- the model ----------------------------------------------------------------------------------------------
-class DLCMLM(nnx.Module):
+class DLCMLM(TokenIO, nnx.Module):
     config_class = DLCMConfig
 
     def __init__(self, cfg: DLCMConfig, *, rngs: nnx.Rngs):
@@ -211,7 +211,7 @@ class DLCMLM(nnx.Module):
         pdt = dtype_of(cfg.param_dtype)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
         d, c = cfg.d_model, cfg.d_concept
-        self.embed = embed_init(rngs, cfg.vocab_size, d, pdt, cfg.tie_embeddings)
+        self._init_embed(cfg, d, rngs, pdt)
         enc_cfg, dec_cfg = cfg.token_stack(cfg.enc_layers), cfg.token_stack(cfg.dec_layers)
         self.enc_blocks = nnx.List([DecoderBlock(enc_cfg, rngs=rngs) for _ in range(cfg.enc_layers)])
         self.enc_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
@@ -233,21 +233,9 @@ class DLCMLM(nnx.Module):
             self.cross_mlp_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
             self.cross_ffn = SwiGLU(d, cfg.mlp_hidden or mlp_hidden_default(d), out_scale=out_scale, **kw)
         self.dec_blocks = nnx.List([DecoderBlock(dec_cfg, rngs=rngs) for _ in range(cfg.dec_layers)])
-        self.final_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
-        if not cfg.tie_embeddings:
-            self.head = dense(d, cfg.vocab_size, ("embed", "vocab"), **kw)
+        self._init_head(cfg, d, rngs, pdt)
 
     # ---- shared pieces ---------------------------------------------------------------------------------
-    def _embed(self, tokens):
-        return self.embed(tokens).astype(self.dtype)
-
-    def _logits(self, x):
-        x = self.final_norm(x)
-        if self.cfg.tie_embeddings:
-            w = self.embed.embedding[...].astype(self.dtype)
-            return jnp.einsum("bld,vd->blv", x, w, preferred_element_type=jnp.float32)
-        return self.head(x).astype(jnp.float32)
-
     def _stack(self, blocks, x, pos, mask):
         for blk in blocks:
             if self.cfg.remat:

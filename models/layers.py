@@ -200,3 +200,32 @@ def scatter_rows_heads_first(buf_BxGxSxD, new_BxKxGxD, idx_BxK):
     new = jnp.transpose(new_BxKxGxD, (0, 2, 1, 3)).astype(buf_BxGxSxD.dtype)  # [B, G, K, D]
     return buf_BxGxSxD.at[jnp.arange(b)[:, None, None], jnp.arange(buf_BxGxSxD.shape[1])[None, :, None],
                           idx_BxK[:, None, :]].set(new, mode="drop")
+
+
+class TokenIO:
+    """Mixin for every LM here: byte embedding in, final RMSNorm and a tied (or separate) head out.
+
+    The host module calls `_init_embed` before its blocks and `_init_head` after them, so parameter
+    initialisation draws from the RNG streams in the order of the computation.
+    """
+
+    def _init_embed(self, cfg, d: int, rngs: nnx.Rngs, param_dtype):
+        init = nnx.initializers.normal(stddev=1.0 / math.sqrt(d) if cfg.tie_embeddings else 1.0)
+        self.embed = nnx.Embed(cfg.vocab_size, d, param_dtype=param_dtype, rngs=rngs,
+                               embedding_init=nnx.with_partitioning(init, ("vocab", "embed")))
+
+    def _init_head(self, cfg, d: int, rngs: nnx.Rngs, param_dtype):
+        self.final_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=param_dtype)
+        if not cfg.tie_embeddings:
+            self.head = dense(d, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=self.dtype,
+                              param_dtype=param_dtype)
+
+    def _embed(self, tokens):
+        return self.embed(tokens).astype(self.dtype)
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            w = self.embed.embedding[...].astype(self.dtype)
+            return jnp.einsum("bld,vd->blv", x, w, preferred_element_type=jnp.float32)
+        return self.head(x).astype(jnp.float32)

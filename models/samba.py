@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.decoder import embed_init
-from models.layers import NEG_INF, Attention, RMSNorm, SwiGLU, dense, dtype_of, mlp_hidden_default, scatter_rows
+from models.layers import NEG_INF, Attention, RMSNorm, SwiGLU, TokenIO, dtype_of, mlp_hidden_default, scatter_rows
 from models.mamba import Mamba
 
 
@@ -218,30 +217,17 @@ class SambaBlock(nnx.Module):
                 "v": scatter_rows(cache["v"], pending["v"], slot_BxK)}
 
 
-class SambaLM(nnx.Module):
+class SambaLM(TokenIO, nnx.Module):
     config_class = SambaConfig
 
     def __init__(self, cfg: SambaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype_of(cfg.dtype)
         pdt = dtype_of(cfg.param_dtype)
-        self.embed = embed_init(rngs, cfg.vocab_size, cfg.d_model, pdt, cfg.tie_embeddings)
+        self._init_embed(cfg, cfg.d_model, rngs, pdt)
         self.blocks = nnx.List([SambaBlock(cfg, "mamba" if i % 2 == 0 else "swa", rngs=rngs)
                                 for i in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
-        if not cfg.tie_embeddings:
-            self.head = dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=self.dtype,
-                              param_dtype=pdt)
-
-    def _embed(self, tokens):
-        return self.embed(tokens).astype(self.dtype)
-
-    def _logits(self, x):
-        x = self.final_norm(x)
-        if self.cfg.tie_embeddings:
-            w = self.embed.embedding[...].astype(self.dtype)
-            return jnp.einsum("bld,vd->blv", x, w, preferred_element_type=jnp.float32)
-        return self.head(x).astype(jnp.float32)
+        self._init_head(cfg, cfg.d_model, rngs, pdt)
 
     def __call__(self, tokens_BxL, prefix_len_B=None):
         b, l = tokens_BxL.shape

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -231,7 +230,7 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
     last = {}
 
     def finish(step_done, m):
-        nonlocal t_window, n_window, last, t_first
+        nonlocal last, t_first
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
             raise NonFiniteLoss(f"non-finite loss {m['loss']} / grad-norm {m['grad_norm']} at step {step_done}; "
