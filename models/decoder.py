@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import (Attention, RMSNorm, SwiGLU, TokenIO, blocked_cache_attention, causal_mask, dtype_of,
-                           mlp_hidden_default, scatter_rows_heads_first)
+from models.layers import (Attention, AttentionDims, RMSNorm, SwiGLU, TokenIO, blocked_cache_attention, causal_mask,
+                           dtype_of, scatter_rows_heads_first)
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(AttentionDims):
     arch: str = "decoder"
     vocab_size: int = 259
     d_model: int = 256
@@ -36,25 +36,10 @@ class DecoderConfig:
     attn_block: int = 256  # cache read granularity when decoding
     remat: bool = False
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
-
-    @property
-    def hidden(self) -> int:
-        return self.mlp_hidden or mlp_hidden_default(self.d_model)
-
     def validate(self):
         if min(self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.attn_block) < 1:
             raise ValueError("vocab_size, d_model, n_layers, n_heads and attn_block must be positive")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
-        if not self.head_dim and self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        self.check_attention_dims()
         if self.hd % 2:
             raise ValueError(f"head_dim must be even for RoPE; got {self.hd}")
         dtype_of(self.dtype), dtype_of(self.param_dtype)

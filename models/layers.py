@@ -71,6 +71,28 @@ def mlp_hidden_default(d_model: int) -> int:
     return int(math.ceil(8 * d_model / 3 / 64) * 64)
 
 
+class AttentionDims:
+    """Derived sizes for configs with d_model, n_heads, n_kv_heads, head_dim and mlp_hidden (0 = default)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or mlp_hidden_default(self.d_model)
+
+    def check_attention_dims(self):
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+
 def _grouped(q_BxLxHxD, n_kv: int):
     b, l, h, d = q_BxLxHxD.shape
     return q_BxLxHxD.reshape(b, l, n_kv, h // n_kv, d)

@@ -26,12 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import NEG_INF, Attention, RMSNorm, SwiGLU, TokenIO, dtype_of, mlp_hidden_default, scatter_rows
+from models.layers import (NEG_INF, Attention, AttentionDims, RMSNorm, SwiGLU, TokenIO, dtype_of,
+                           scatter_rows)
 from models.mamba import Mamba
 
 
 @dataclass(frozen=True)
-class SambaConfig:
+class SambaConfig(AttentionDims):
     arch: str = "samba"
     vocab_size: int = 259
     d_model: int = 256
@@ -56,28 +57,13 @@ class SambaConfig:
     param_dtype: str = "float32"
     remat: bool = False
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
-
-    @property
-    def hidden(self) -> int:
-        return self.mlp_hidden or mlp_hidden_default(self.d_model)
-
     def validate(self):
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "window", "d_state", "d_conv", "expand",
                     "scan_chunk")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
-        if not self.head_dim and self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        self.check_attention_dims()
         if self.hd % 2:
             raise ValueError(f"head_dim must be even for RoPE; got {self.hd}")
         if not 0.0 < self.dt_min <= self.dt_max:
