@@ -60,12 +60,12 @@ class DecoderBlock(nnx.Module):
         x = x + self.attn(self.attn_norm(x), pos_BxL, mask_BxLxL)
         return x + self.mlp(self.mlp_norm(x))
 
-    def extend(self, x, pos_BxK, cache, n_blocks):
+    def extend(self, x, pos_BxK, cache, n_valid):
         q, k, v = self.attn.qkv(self.attn_norm(x), pos_BxK)
         kc = scatter_rows_heads_first(cache["k"], k, pos_BxK)
         vc = scatter_rows_heads_first(cache["v"], v, pos_BxK)
         key_pos = jnp.broadcast_to(jnp.arange(kc.shape[2], dtype=jnp.int32), (kc.shape[0], kc.shape[2]))
-        o = blocked_cache_attention(q, kc, vc, key_pos, pos_BxK, block=self.block, n_valid_blocks=n_blocks,
+        o = blocked_cache_attention(q, kc, vc, key_pos, pos_BxK, block=self.block, n_valid=n_valid,
                                     heads_first=True)
         x = x + self.attn.out(o)
         return x + self.mlp(self.mlp_norm(x)), {"k": kc, "v": vc}
@@ -112,12 +112,11 @@ class DecoderLM(TokenIO, nnx.Module):
         b, k = tokens_BxK.shape
         lengths = cache["lengths"]
         pos_BxK = lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
-        blk = self.cfg.attn_block
-        n_blocks = jnp.minimum((jnp.max(lengths) + k + blk - 1) // blk, cache["layers"][0]["k"].shape[2] // blk)
+        n_valid = jnp.max(lengths) + k  # cache slots that can hold a visible key
         x = self._embed(tokens_BxK)
         new_layers = []
         for blk, c in zip(self.blocks, cache["layers"]):
-            x, c = blk.extend(x, pos_BxK, c, n_blocks)
+            x, c = blk.extend(x, pos_BxK, c, n_valid)
             new_layers.append(c)
         return self._logits(x), {"lengths": lengths, "layers": new_layers}
 

@@ -378,10 +378,9 @@ class DLCMLM(TokenIO, nnx.Module):
         rows = jnp.arange(b)[:, None]
         ar = jnp.arange(k, dtype=jnp.int32)[None, :]
         pos = lengths[:, None] + ar
-        tok_cap = cache["enc"][0]["k"].shape[2]
         con_cap = cache["cross"]["k"].shape[2]
-        n_tok = jnp.minimum((jnp.max(lengths) + k + blk - 1) // blk, tok_cap // blk)
-        n_con = jnp.minimum((jnp.max(j0) + k + 1 + blk - 1) // blk, con_cap // blk)
+        n_tok = jnp.max(lengths) + k  # token slots that can hold a visible key
+        n_con = jnp.max(j0) + k + 1  # concept slots, the null concept included
 
         # encoder
         x = self._embed(tokens_BxK)
@@ -425,7 +424,7 @@ class DLCMLM(TokenIO, nnx.Module):
         # strict cross-attention: token i sees slots 0 .. J_i (null + closed concepts)
         key_pos = jnp.broadcast_to(jnp.arange(con_cap, dtype=jnp.int32), (b, con_cap))
         o = blocked_cache_attention(self.cross.query(h), ck, cv, key_pos, j_after, block=blk,
-                                    n_valid_blocks=n_con, heads_first=True)
+                                    n_valid=n_con, heads_first=True)
         x = self._fuse(h, o)
         dec = []
         for blk_m, c in zip(self.dec_blocks, cache["dec"]):

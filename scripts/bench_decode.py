@@ -4,10 +4,10 @@
         [--dtype float32] [--batch 1 8] [--prompt-len 256] [--new-tokens 128] [--repeats 5]
 
 A decode step at small batch reads every weight once plus the context's cache, so its floor is
-bytes / read bandwidth. The bandwidth is measured in the same run (a jitted sum over a 1 GB array, median
-of several), and `roofline_fraction` = (bytes per step / bandwidth) / measured time per step.
+bytes / read bandwidth. The bandwidth is measured in the same run, between the timed decode runs (a jitted sum over
+a 1 GiB array, median of all samples), and `roofline_fraction` = (bytes per step / bandwidth) / measured time per step.
 Bytes per step: all parameters, plus per row the cache entries of the positions in context (cache leaves
-whose axis 1 spans the cache capacity are per-position; other leaves, like recurrent states or a sliding
+with an axis after the batch that spans the cache capacity are per-position; other leaves, like recurrent states or a sliding
 window ring, are read whole). Random init; the numbers do not depend on the weights.
 """
 
@@ -50,19 +50,28 @@ def model_config(args):
     return dataclasses.replace(cfg, **upd)
 
 
-def read_bandwidth(repeats: int = 7, gib: float = 1.0) -> float:
-    """Bytes/s of a jitted sum over a fresh 1 GiB fp32 array (median of repeats)."""
-    n = int(gib * 2 ** 30) // 4
-    x = jnp.ones((n,), jnp.float32) + 1.0  # materialised, not a broadcast constant
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    del x
-    return n * 4 / float(np.median(times))
+class ReadBandwidth:
+    """Bytes/s of a jitted sum over a 1 GiB fp32 array. `sample()` times a few sums; the benchmark samples
+    between its timed decode runs, so bandwidth and decode speed are measured side by side on a shared,
+    noisy machine, and `median` is the figure the roofline uses."""
+
+    def __init__(self, gib: float = 1.0):
+        self.n = int(gib * 2 ** 30) // 4
+        self.x = jnp.ones((self.n,), jnp.float32) + 1.0  # materialised, not a broadcast constant
+        self.total = jax.jit(jnp.sum)
+        self.total(self.x).block_until_ready()
+        self.samples: list[float] = []
+
+    def sample(self, repeats: int = 3) -> float:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.total(self.x).block_until_ready()
+            self.samples.append(self.n * 4 / (time.perf_counter() - t0))
+        return self.median
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples))
 
 
 def step_bytes(engine: Engine, batch: int, mean_context: float) -> tuple[int, int]:
@@ -74,14 +83,15 @@ def step_bytes(engine: Engine, batch: int, mean_context: float) -> tuple[int, in
     kv = 0.0
     for leaf in jax.tree.leaves(cache):
         nbytes = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
-        if leaf.ndim >= 2 and leaf.shape[1] == capacity:
+        if capacity in leaf.shape[1:]:  # a per-position axis ([B, S, ...] or heads-first [B, G, S, D])
             nbytes *= min(mean_context, capacity) / capacity
         if leaf.ndim >= 2:  # skip per-row scalars such as lengths
             kv += nbytes
     return params, int(kv)
 
 
-def bench_one(engine: Engine, batch: int, prompt_len: int, new: int, repeats: int, bw: float, arch: str, dtype: str):
+def bench_one(engine: Engine, batch: int, prompt_len: int, new: int, repeats: int, bw: ReadBandwidth, arch: str,
+              dtype: str):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, size=prompt_len) for _ in range(batch)]
     kw = dict(max_new_tokens=new, stop_ids=())
@@ -90,13 +100,18 @@ def bench_one(engine: Engine, batch: int, prompt_len: int, new: int, repeats: in
     first = engine.generate(prompts, **kw)  # compiles prefill and the loop
     cold = time.perf_counter() - t0
     assert engine.traces["generate"] - before.get("generate", 0) <= 1
-    runs = [engine.generate(prompts, **kw) for _ in range(repeats)]
+    bw.samples.clear()
+    runs = []
+    for _ in range(repeats):
+        bw.sample()
+        runs.append(engine.generate(prompts, **kw))
+    bw.sample()
     prefill = float(np.median([r.prefill_s for r in runs]))
     decode = float(np.median([r.decode_s for r in runs]))
     steps = new - 1
     step_s = decode / steps
     pbytes, kvbytes = step_bytes(engine, batch, prompt_len + new / 2)
-    floor_s = (pbytes + kvbytes) / bw
+    floor_s = (pbytes + kvbytes) / bw.median
     return {
         "arch": arch, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new,
         "tokens_per_s": batch * steps / decode,
@@ -108,7 +123,9 @@ def bench_one(engine: Engine, batch: int, prompt_len: int, new: int, repeats: in
         "bytes_per_step": pbytes + kvbytes, "param_bytes": pbytes, "cache_bytes_read": kvbytes,
         "roofline_ms_per_step": 1e3 * floor_s,
         "roofline_fraction": floor_s / step_s,
-        "read_gb_per_s": bw / 1e9,
+        "read_gb_per_s": bw.median / 1e9,
+        "read_gb_per_s_range": [min(bw.samples) / 1e9, max(bw.samples) / 1e9],
+        "ms_per_step_range": [1e3 * min(r.decode_s for r in runs) / steps, 1e3 * max(r.decode_s for r in runs) / steps],
     }
 
 
@@ -129,12 +146,11 @@ def main(argv=None):
     max_len = args.prompt_len + args.new_tokens + 17  # default verify slack
     engine = Engine(model, max_len=max_len)
     n_params = sum(x.size for x in jax.tree.leaves(engine.params))
-    rows = []
-    for b in args.batch:
-        bw = read_bandwidth()
-        rows.append(bench_one(engine, b, args.prompt_len, args.new_tokens, args.repeats, bw, cfg.arch, args.dtype))
-        rows[-1]["params"] = int(n_params)
-    bw_after = read_bandwidth()
+    bw = ReadBandwidth()
+    meta = {"params": int(n_params), "device": str(jax.devices()[0]), "backend": jax.default_backend(),
+            "model": dataclasses.asdict(cfg), "argv": sys.argv[1:]}
+    rows = [{**bench_one(engine, b, args.prompt_len, args.new_tokens, args.repeats, bw, cfg.arch, args.dtype), **meta}
+            for b in args.batch]
 
     hdr = ("arch", "dtype", "batch", "tokens_per_s", "ms_per_step", "roofline_ms_per_step", "roofline_fraction",
            "prefill_tokens_per_s", "compile_prefill_s", "compile_generate_s", "read_gb_per_s")
@@ -143,9 +159,7 @@ def main(argv=None):
     print(" | ".join(hdr))
     for r in rows:
         print(" | ".join(f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in hdr))
-    out = {"rows": rows, "device": str(jax.devices()[0]), "backend": jax.default_backend(),
-           "read_gb_per_s_end": bw_after / 1e9, "model": dataclasses.asdict(cfg), "argv": sys.argv[1:]}
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps(rows, indent=1))  # a list of rows (the stable interface)
 
 
 if __name__ == "__main__":

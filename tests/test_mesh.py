@@ -30,7 +30,9 @@ def test_param_shardings_follow_logical_rules():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     m = DecoderLM(DecoderConfig(d_model=64, n_layers=1, n_heads=4, attn_block=16), rngs=nnx.Rngs(0))
     sh = param_shardings(m, mesh)
-    assert sh["blocks"][0]["attn"]["q"]["kernel"].spec == P("fsdp", "tensor")
+    # fused q/k/v [d, G, R + 2, hd]: tensor parallelism splits the KV groups
+    assert sh["blocks"][0]["attn"]["qkv_proj"]["kernel"].spec == P("fsdp", "tensor", None, None)
+    assert sh["blocks"][0]["mlp"]["gate_up"]["kernel"].spec == P("fsdp", None, "tensor")
     assert sh["blocks"][0]["mlp"]["down"]["kernel"].spec == P("tensor", "fsdp")
     assert sh["embed"]["embedding"].spec == P(None, "fsdp")  # vocab 259 is replicated
 
