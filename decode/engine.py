@@ -10,8 +10,11 @@ Works for any model that follows the contract in DESIGN.md (`init_cache`, `exten
 - Plain generation is one `lax.while_loop` over a state of fixed shapes; it stops when the step budget is
   spent or every row is done. The step budget is a traced value, so the loop can be resumed chunk by chunk
   (streaming) without recompiling.
-- Speculative decoding is a host loop: drafters propose tokens, one jitted verify step per draft size runs
-  extend + acceptance + commit and returns only the emitted tokens, their counts and top-k ids.
+- Speculative decoding is one jitted `lax.while_loop` too. Each iteration verifies [pending, draft...] with
+  extend + acceptance + commit, at the smallest verify size that holds the longest draft (a branch per
+  size, so one compile covers them all), then calls the host once with the emitted tokens: the host
+  updates the drafters and returns the next drafts. On CPU the call is a `buffer_callback` (~3 us); a
+  separate jitted call per step cost ~0.3 ms of dispatch and sync, as much as a tiny model's whole step.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
+
+try:  # a host callback that writes its result in place: ~3 us a call on CPU against ~40 us for io_callback
+    from jax.experimental.buffer_callback import buffer_callback
+except ImportError:  # older or newer JAX without it
+    buffer_callback = None
 
 from decode.sampling import accept, sample
 
-VERIFY_SIZES = (1, 2, 4, 8, 16)
+VERIFY_SIZES = (0, 1, 2, 4, 8, 16)  # 0: no draft this step, a plain step inside the loop
 
 
 class InputError(ValueError):
@@ -123,8 +132,8 @@ class Engine:
         self.params, self._params_def = jax.tree.flatten(state)
         self.vocab_size = int(vocab_size or model.cfg.vocab_size)
         self.verify_sizes = tuple(sorted(set(int(k) for k in verify_sizes)))
-        if not self.verify_sizes or self.verify_sizes[0] < 1:
-            raise InputError(f"verify_sizes must be positive integers; got {tuple(verify_sizes)}")
+        if not self.verify_sizes or self.verify_sizes[0] < 0 or self.verify_sizes[-1] < 1:
+            raise InputError(f"verify_sizes must be integers >= 0, one of them positive; got {tuple(verify_sizes)}")
         self.slack = self.verify_sizes[-1] + 1
         self.max_len = int(max_len)
         if self.max_len < self.slack + 2:
@@ -137,7 +146,8 @@ class Engine:
         self.traces: collections.Counter = collections.Counter()
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("observe_k",))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,))
-        self._verify = jax.jit(self._verify_fn, static_argnames=("observe_k",), donate_argnums=(1,))
+        self._speculate = jax.jit(self._speculate_fn, static_argnames=("observe_k",), donate_argnums=(1,))
+        self._run: _SpeculativeRun | None = None  # the request the host callback serves (one at a time)
 
     # ---- jitted functions --------------------------------------------------------------------------
     def _prefill_fn(self, params, tokens_BxS, plen_B, keys_Bx2, max_new_B, stop_S, temperature_B, top_k_B, top_p_B,
@@ -183,10 +193,9 @@ class Engine:
 
         return jax.lax.while_loop(cond, body, state)
 
-    def _verify_fn(self, params, cache, inputs_BxK1, draft_len_B, live_B, keys_Bx2, temperature_B, top_k_B, top_p_B,
-                   *, observe_k: int):
-        self.traces[f"verify{inputs_BxK1.shape[1] - 1}"] += 1
-        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._params_def, params))
+    def _verify_step(self, model, cache, inputs_BxK1, draft_len_B, live_B, keys_Bx2, temperature_B, top_k_B,
+                     top_p_B, observe_k: int):
+        """extend [pending, draft...], accept, commit: (cache, emitted tokens [B, K+1], counts, top-k ids)."""
         logits_BxK1xV, cache = model.extend(inputs_BxK1, cache)
         draft_BxK = inputs_BxK1[:, 1:]
         n_acc, nxt = accept(logits_BxK1xV, draft_BxK, draft_len_B, keys_Bx2, cache["lengths"] + 1,
@@ -195,10 +204,71 @@ class Engine:
         cache = model.commit(cache, jnp.where(live_B, n_acc + 1, 0))
         k1 = inputs_BxK1.shape[1]
         i = jnp.arange(k1)[None, :]
-        drafts = jnp.concatenate([draft_BxK, jnp.full_like(draft_BxK[:, :1], self.pad_id)], axis=1)
+        drafts = jnp.concatenate([draft_BxK, jnp.full((inputs_BxK1.shape[0], 1), self.pad_id, draft_BxK.dtype)], axis=1)
         out_BxK1 = jnp.where(i < n_acc[:, None], drafts, jnp.where(i == n_acc[:, None], nxt[:, None], self.pad_id))
-        topk = jax.lax.top_k(logits_BxK1xV, observe_k)[1] if observe_k else None
-        return cache, out_BxK1, n_acc + 1, topk
+        b = inputs_BxK1.shape[0]
+        topk = jax.lax.top_k(logits_BxK1xV, observe_k)[1] if observe_k else jnp.zeros((b, k1, 0), jnp.int32)
+        return cache, out_BxK1, n_acc + 1, topk.astype(jnp.int32)
+
+    def _speculate_fn(self, params, cache, inputs_BxKm, draft_len_B, live_B, max_steps, keys_Bx2, temperature_B,
+                      top_k_B, top_p_B, *, observe_k: int):
+        """Verify steps until the host reports no live row; the host callback owns drafts and output."""
+        self.traces["speculate"] += 1
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._params_def, params))
+        b, km = inputs_BxKm.shape  # km = max verify size + 1
+        sizes = self.verify_sizes
+        knobs = (keys_Bx2, temperature_B, top_k_B, top_p_B)
+
+        def verify(k):
+            def run(cache, inputs, draft_len, live, *_):
+                cache, out, counts, topk = self._verify_step(model, cache, inputs[:, :k + 1], draft_len, live, *knobs,
+                                                             observe_k=observe_k)
+                out = jnp.pad(out, ((0, 0), (0, km - k - 1)), constant_values=self.pad_id)
+                return cache, out, counts, jnp.pad(topk, ((0, 0), (0, km - k - 1), (0, 0)))
+            return run
+
+        def skip(cache, inputs, draft_len, live, out, counts, topk):
+            return cache, out, counts, topk
+
+        # One int32 array each way: every callback operand and result costs a conversion (~10-30 us each).
+        host_shape = jax.ShapeDtypeStruct((b, km + 2), jnp.int32)  # next inputs, draft length, live
+
+        def body(c):
+            cache, inputs, draft_len, live, step = c
+            size = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(draft_len))  # smallest that fits
+            size = jnp.minimum(size, len(sizes) - 1)
+            # One two-way cond per size, in a chain, rather than lax.switch: XLA:CPU copies the whole cache
+            # into a switch of 3+ branches that update it in place (every step), but not into a two-way
+            # cond whose other branch passes it through.
+            out = jnp.full((b, km), self.pad_id, jnp.int32)
+            counts = jnp.zeros((b,), jnp.int32)
+            topk = jnp.zeros((b, km, observe_k), jnp.int32)
+            for j, k in enumerate(sizes):
+                cache, out, counts, topk = jax.lax.cond(size == j, verify(k), skip, cache, inputs, draft_len, live,
+                                                        out, counts, topk)
+            emitted = jnp.concatenate([out, counts[:, None], topk.reshape(b, -1)], axis=1)
+            nxt = self._host_call(host_shape, emitted)
+            return cache, nxt[:, :km], nxt[:, km], nxt[:, km + 1] > 0, step + 1
+
+        def cond(c):
+            return jnp.any(c[3]) & (c[4] < max_steps)
+
+        return jax.lax.while_loop(cond, body, (cache, inputs_BxKm, draft_len_B, live_B, jnp.zeros((), jnp.int32)))
+
+    def _host_call(self, shape, emitted):
+        """Run `_host_step` on the host from inside the jitted loop."""
+        if buffer_callback is not None and jax.default_backend() == "cpu":
+            def write(ctx, out, x):  # CPU buffers are host memory: numpy views, no copies
+                np.asarray(out)[...] = self._host_step(np.asarray(x))
+            return buffer_callback(write, shape, has_side_effect=True)(emitted)
+        return io_callback(self._host_step, shape, emitted, ordered=False)
+
+    def _host_step(self, emitted):
+        """The loop's host callback: [out (K+1) | count | top-k ids] per row in, [inputs | length | live] out."""
+        e = np.asarray(emitted)
+        km = self.verify_sizes[-1] + 1
+        inputs, draft_len, live = self._run.step(e[:, :km], e[:, km], e[:, km + 1:].reshape(len(e), km, -1))
+        return np.concatenate([inputs, draft_len[:, None], live[:, None]], axis=1, dtype=np.int32)
 
     # ---- input checks -------------------------------------------------------------------------------
     def check_prompt(self, prompt, max_new_tokens: int) -> np.ndarray:
@@ -339,17 +409,19 @@ class Engine:
         """Speculative decoding with one drafter per prompt (reset/draft/accept, optional observe).
 
         Each step: every live row drafts up to max(verify_sizes) tokens (never more than it may still emit
-        minus one), the batch is padded to the smallest verify size that holds the longest draft, and one
-        jitted step verifies [pending, draft...] for all rows. Greedy rows reproduce plain greedy decoding
-        exactly; sampling rows follow the target distribution (see decode.sampling.accept).
+        minus one), the step verifies [pending, draft...] for all rows at the smallest verify size that holds
+        the longest draft. Greedy rows reproduce plain greedy decoding exactly; sampling rows follow the
+        target distribution (see decode.sampling.accept). The steps run in one jitted loop that calls the
+        host between steps, so an Engine serves one speculative request at a time.
         """
         req = self._prepare(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_ids=stop_ids, batch_size=batch_size)
         if len(drafters) != req.n_real:
             raise InputError(f"need one drafter per prompt: {len(drafters)} drafters for {req.n_real} prompts")
-        observe_k = self.observe_k if any(hasattr(d, "observe") for d in drafters) else 0
-        b = len(req.prompts)
-        stops = set(int(s) for s in req.stop_S if s >= 0)
+        if self._run is not None:
+            raise RuntimeError("this Engine is already running a speculative request")
+        observe = any(getattr(d, "uses_observe", hasattr(d, "observe")) for d in drafters)
+        observe_k = self.observe_k if observe else 0
         t0 = time.perf_counter()
         state, topk_BxSxk = self._start(req, observe_k)
         first, n0, done0 = jax.device_get((state["tokens"][:, 0], state["n"], state["done"]))
@@ -359,83 +431,133 @@ class Engine:
         prefill_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        draft_s = 0.0
-        emitted = [[int(first[i])] if n0[i] else [] for i in range(b)]
-        live = ~done0
-        live[req.n_real:] = False
-        pending = first.astype(np.int32)
-        steps = [0] * b
-        calls = 0
+        run = _SpeculativeRun(self, req, drafters, observe_k, first, n0, done0, topk_BxSxk)
+        inputs, draft_len, live = run.drafts()
+        self._run = run
+        try:
+            final = self._speculate(self.params, cache, inputs, draft_len, live, np.int32(req.max_new_B.max()),
+                                    req.keys_Bx2, *req.knobs, observe_k=observe_k)
+            jax.block_until_ready(final)
+        finally:
+            self._run = None
+        if run.error is not None:
+            raise run.error
+        decode_s = time.perf_counter() - t0
+        n = req.n_real
+        return Result([np.asarray(e, np.int32) for e in run.emitted[:n]], [len(p) for p in prompts], run.steps[:n],
+                      prefill_s, decode_s, run.calls, run.draft_s)
+
+    # ---- compile ahead of timing -------------------------------------------------------------------
+    def warmup(self, batch_size: int, prompt_len: int, *, speculative: bool = False):
+        """Compile prefill for prompt_len's bucket and the generation loop; with `speculative`, also both
+        variants of the speculative loop (every verify size), with and without the top-k ids that observing
+        drafters (Token Recycling) use, and the prefill that returns them."""
+        prompts = [np.zeros(prompt_len, np.int32)] * batch_size
+        self.generate(prompts, max_new_tokens=2, stop_ids=())
+        if speculative:
+            for observe in (False, True):
+                self.generate_speculative(prompts, [_DraftNothing(observe) for _ in prompts], max_new_tokens=2,
+                                          stop_ids=())
+
+
+class _DraftNothing:
+    """Drafts nothing; with `uses_observe` it asks for top-k ids. Compiles a speculative loop variant."""
+
+    def __init__(self, uses_observe: bool):
+        self.uses_observe = uses_observe
+
+    def reset(self, prompt):
+        pass
+
+    def draft(self, k):
+        return np.zeros(0, np.int32)
+
+    def accept(self, tokens):
+        pass
+
+    def observe(self, inputs, topk):
+        pass
+
+
+class _SpeculativeRun:
+    """Host side of one speculative request: drafters, emitted tokens and per-row state.
+
+    `step` runs inside the jitted loop's host callback. An exception there (a drafter bug) is kept in
+    `error`, ends the loop (no live rows) and is raised by the caller afterwards.
+    """
+
+    def __init__(self, engine: Engine, req: _Request, drafters, observe_k: int, first, n0, done0, prompt_topk):
+        self.engine, self.req, self.drafters, self.observe_k = engine, req, drafters, observe_k
+        b = len(req.prompts)
+        self.kmax = engine.verify_sizes[-1]
+        self.stops = set(int(s) for s in req.stop_S if s >= 0)
+        self.emitted = [[int(first[i])] if n0[i] else [] for i in range(b)]
+        self.live = ~done0
+        self.live[req.n_real:] = False
+        self.pending = first.astype(np.int32)
+        self.steps = [0] * b
+        self.calls = 0
+        self.error: BaseException | None = None
+        self.inputs = np.full((b, self.kmax + 1), engine.pad_id, np.int32)
+        self.draft_len = np.zeros(b, np.int32)
         td = time.perf_counter()
         for i in range(req.n_real):
             d, p = drafters[i], req.prompts[i]
             d.reset(p)
             if observe_k:
-                d.observe(p, topk_BxSxk[i, :len(p)])
-            d.accept(np.asarray(emitted[i], np.int32))
-        draft_s += time.perf_counter() - td
-        kmax = self.verify_sizes[-1]
-        while live.any():
-            td = time.perf_counter()
-            drafts = [np.zeros(0, np.int32)] * b
-            for i in np.flatnonzero(live):
-                room = min(kmax, int(req.max_new_B[i]) - len(emitted[i]) - 1)
-                if room > 0:
-                    d = np.asarray(drafters[i].draft(room)).reshape(-1)[:room]
-                    if d.size and (d.min() < 0 or d.max() >= self.vocab_size):  # a drafter bug, not user input
-                        raise ValueError(f"drafter {i} proposed token ids outside [0, {self.vocab_size}): {d}")
-                    drafts[i] = d.astype(np.int32)
-            draft_s += time.perf_counter() - td
-            dlen = np.array([len(x) for x in drafts], np.int32)
-            k = next(s for s in self.verify_sizes if s >= dlen.max())
-            inputs = np.full((b, k + 1), self.pad_id, np.int32)
-            inputs[:, 0] = pending
-            for i in np.flatnonzero(dlen):
-                inputs[i, 1:1 + dlen[i]] = drafts[i]
-            cache, out, counts, topk = self._verify(self.params, cache, inputs, dlen, live, req.keys_Bx2, *req.knobs,
-                                                    observe_k=observe_k)
-            out, counts, topk = jax.device_get((out, counts, topk))
-            calls += 1
-            td = time.perf_counter()
-            for i in np.flatnonzero(live):
-                new = out[i, :counts[i]]
-                new = new[:int(req.max_new_B[i]) - len(emitted[i])]
-                hit = [j for j, t in enumerate(new) if int(t) in stops]
-                if hit:
-                    new = new[:hit[0] + 1]
-                emitted[i].extend(int(t) for t in new)
-                steps[i] += 1
-                pending[i] = new[-1]
-                if hit or len(emitted[i]) >= req.max_new_B[i]:
-                    live[i] = False
-                if observe_k:
-                    drafters[i].observe(inputs[i, :dlen[i] + 1], topk[i, :dlen[i] + 1])
-                drafters[i].accept(new)
-            draft_s += time.perf_counter() - td
-        jax.block_until_ready(cache)
-        decode_s = time.perf_counter() - t0
-        n = req.n_real
-        return Result([np.asarray(e, np.int32) for e in emitted[:n]], [len(p) for p in prompts], steps[:n],
-                      prefill_s, decode_s, calls, draft_s)
+                d.observe(p, prompt_topk[i, :len(p)])
+            d.accept(np.asarray(self.emitted[i], np.int32))
+        self.draft_s = time.perf_counter() - td
 
-    # ---- compile ahead of timing -------------------------------------------------------------------
-    def warmup(self, batch_size: int, prompt_len: int, *, speculative: bool = False):
-        """Compile prefill for prompt_len's bucket and the generation loop; with `speculative`, also the
-        prefill variant that returns top-k ids and every verify size (as used with observing drafters)."""
-        req = self._prepare([np.zeros(prompt_len, np.int32)] * batch_size, max_new_tokens=1, temperature=0.0,
-                            top_k=0, top_p=1.0, seed=0, stop_ids=None, batch_size=None)
-        state, _ = self._start(req)
-        state = self._generate(self.params, state, np.int32(1), req.stop_S, *req.knobs)
-        if speculative:
-            state, _ = self._start(req, self.observe_k)
-            cache = state["cache"]
-            for k in self.verify_sizes:
-                inputs = np.zeros((batch_size, k + 1), np.int32)
-                cache, *_ = self._verify(self.params, cache, inputs, np.zeros(batch_size, np.int32),
-                                         np.zeros(batch_size, bool), req.keys_Bx2, *req.knobs,
-                                         observe_k=self.observe_k)
-            state = {**state, "cache": cache}
-        jax.block_until_ready(state)
+    def drafts(self):
+        """(inputs [B, kmax+1] = pending then draft, draft lengths [B], live [B]) for the next verify step."""
+        td = time.perf_counter()
+        vocab, max_new = self.engine.vocab_size, self.req.max_new_B
+        self.inputs[:] = self.engine.pad_id
+        self.inputs[:, 0] = self.pending
+        self.draft_len[:] = 0
+        for i in np.flatnonzero(self.live):
+            room = min(self.kmax, int(max_new[i]) - len(self.emitted[i]) - 1)
+            if room > 0:
+                d = np.asarray(self.drafters[i].draft(room)).reshape(-1)[:room]
+                if d.size and (d.min() < 0 or d.max() >= vocab):  # a drafter bug, not user input
+                    raise ValueError(f"drafter {i} proposed token ids outside [0, {vocab}): {d}")
+                self.inputs[i, 1:1 + d.size] = d
+                self.draft_len[i] = d.size
+        self.draft_s += time.perf_counter() - td
+        return self.inputs.copy(), self.draft_len.copy(), self.live.copy()
+
+    def step(self, out_BxKm, counts_B, topk_BxKmxO):
+        if self.error is not None:  # the loop is ending; keep state as it was at the error
+            return self.inputs.copy(), self.draft_len.copy(), np.zeros_like(self.live)
+        try:
+            self._emit(out_BxKm, counts_B, topk_BxKmxO)
+            return self.drafts()
+        except BaseException as e:  # noqa: BLE001 - re-raised by generate_speculative after the loop
+            self.error = e
+            return self.inputs.copy(), self.draft_len.copy(), np.zeros_like(self.live)
+
+    def _emit(self, out_BxKm, counts_B, topk_BxKmxO):
+        self.calls += 1
+        td = time.perf_counter()
+        max_new = self.req.max_new_B
+        for i in np.flatnonzero(self.live):
+            new = out_BxKm[i, :counts_B[i]]
+            new = new[:int(max_new[i]) - len(self.emitted[i])]
+            hit = [j for j, t in enumerate(new) if int(t) in self.stops]
+            if hit:
+                new = new[:hit[0] + 1]
+            self.emitted[i].extend(int(t) for t in new)
+            self.steps[i] += 1
+            self.pending[i] = new[-1]
+            if hit or len(self.emitted[i]) >= max_new[i]:
+                self.live[i] = False
+            if self.observe_k:
+                n = self.draft_len[i] + 1
+                self.drafters[i].observe(self.inputs[i, :n], topk_BxKmxO[i, :n])
+            self.drafters[i].accept(new)
+        self.draft_s += time.perf_counter() - td
+
 
 def engine_for_run(run_dir, *, step: int | None = None, **kw):
     """(cfg, tokenizer, Engine) for a training run's checkpoint; EOS stops generation.

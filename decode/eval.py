@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes, plain and each drafter in turn; the "
+                    "report keeps each one's median-time pass (a shared machine's noise exceeds small speedups)")
     ap.add_argument("--max-draft", type=int, help="longest draft (default: 4 on CPU, where verifying K tokens costs "
                     "~K/4 plain steps, 16 on accelerators, where it is nearly flat); the "
                     "engine compiles verify steps for powers of two below it and for it")
@@ -115,13 +117,16 @@ def main(argv=None) -> int:
             raise UsageError(f"unknown drafter {bad[0] if bad else args.drafter!r}; valid: {', '.join(valid)}")
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
+        if args.repeats < 1:
+            raise UsageError(f"--repeats must be >= 1; got {args.repeats}")
         if not Path(args.run_dir).is_dir():
             raise UsageError(f"no such run directory: {args.run_dir}")
         max_draft = default_max_draft() if args.max_draft is None else args.max_draft
         if max_draft < 1:
             raise UsageError(f"--max-draft must be >= 1; got {max_draft}")
         items = read_prompts(args.prompts)
-        sizes = sorted({1 << i for i in range(max_draft.bit_length()) if 1 << i < max_draft} | {max_draft})
+        # 0 (no draft: a plain step), then powers of two up to max_draft
+        sizes = sorted({0} | {1 << i for i in range(max_draft.bit_length()) if 1 << i < max_draft} | {max_draft})
         cfg, tok, engine = engine_for_run(args.run_dir, step=args.step, verify_sizes=sizes)
         if args.max_new_tokens is None:
             args.max_new_tokens = cfg.decode.max_new_tokens
@@ -134,14 +139,22 @@ def main(argv=None) -> int:
         bs = min(args.batch_size, len(ids))
         for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
             engine.warmup(bs, longest, speculative=drafters != ["none"])
-        base = run(engine, ids, drafter="none", batch_size=bs, kw=kw, seed=args.seed, label="none")
-        results = {}
+        makers = {}
         for name in drafters:
-            make = lambda name=name: make_drafter(name, vocab_size=engine.vocab_size, static_sam=sam,  # noqa: E731
-                                                  max_len=max_draft, min_len=min(max_draft, DraftPolicy().min_len))
-            warm_drafter(make(), ids[0], max_draft)
-            results[name] = base if name == "none" else run(engine, ids, drafter=name, batch_size=bs, kw=kw,
-                                                            seed=args.seed, make=make)
+            makers[name] = lambda name=name: make_drafter(  # noqa: E731
+                name, vocab_size=engine.vocab_size, static_sam=sam, max_len=max_draft,
+                min_len=min(max_draft, DraftPolicy().min_len))
+            if name != "none":
+                warm_drafter(makers[name](), ids[0], max_draft)
+        passes: dict = {name: [] for name in ["none"] + [d for d in drafters if d != "none"]}
+        for r in range(args.repeats):  # interleaved, so that plain and speculative share the machine's mood
+            for name in passes:
+                label = name if args.repeats == 1 else f"{name} {r + 1}/{args.repeats}"
+                passes[name].append(run(engine, ids, drafter=name, batch_size=bs, kw=kw, seed=args.seed,
+                                        make=makers.get(name), label=label))
+        median = {name: sorted(rs, key=lambda x: x.seconds)[len(rs) // 2] for name, rs in passes.items()}
+        base = median["none"]
+        results = {name: median[name] for name in drafters}
     except (UsageError, ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -158,7 +171,7 @@ def write_report(args, drafter, items, engine, max_draft, bs, base, spec, out: P
     report = {
         "run_dir": str(args.run_dir), "drafter": drafter, "n_prompts": len(items),
         "max_new_tokens": args.max_new_tokens, "batch_size": bs, "max_draft": max_draft,
-        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "repeats": args.repeats, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "mat": spec.mat, "tokens_per_s": spec.tokens_per_s, "n_tokens": spec.n_tokens, "seconds": spec.seconds,
         "draft_us_per_step": spec.draft_us_per_step, "verify_calls": spec.verify_calls,
         "speedup": None if drafter == "none" else spec.tokens_per_s / base.tokens_per_s,

@@ -178,7 +178,7 @@ def test_observe_hook_gets_verified_inputs_and_their_topk(engine):
         pos += len(inputs)
 
 
-def test_one_compile_per_verify_size_and_no_donation_warnings():
+def test_one_compile_for_all_verify_sizes_and_no_donation_warnings():
     model = DecoderLM(DecoderConfig(d_model=32, n_layers=1, n_heads=2, attn_block=16), rngs=nnx.Rngs(2))
     eng = Engine(model, max_len=64, bos_id=TOK.bos_id, verify_sizes=(2, 4))
     ps = prompts(5, 3, seed=6)
@@ -187,7 +187,31 @@ def test_one_compile_per_verify_size_and_no_donation_warnings():
         warnings.filterwarnings("error", message=".*[Dd]onat.*")
         for seed in range(3):
             eng.generate_speculative(ps, [Noisy(r, seed) for r in ref], max_new_tokens=20, stop_ids=())
-    assert eng.traces == {"prefill": 1, "verify2": 1, "verify4": 1}
+    # one speculative loop holds every verify size; observing drafters add one prefill variant and one loop
+    assert eng.traces == {"prefill": 1, "speculate": 1}
+
+
+class Buggy(Oracle):
+    """Drafts correctly, then proposes an id outside the vocabulary on its `bad_call`-th draft."""
+
+    def __init__(self, ref, bad_call):
+        super().__init__(ref)
+        self.calls, self.bad_call = 0, bad_call
+
+    def draft(self, k):
+        self.calls += 1
+        return np.array([10_000], np.int32) if self.calls == self.bad_call else super().draft(k)
+
+
+@pytest.mark.parametrize("bad_call", [1, 2])  # the first draft is made before the loop
+def test_drafter_bug_inside_the_loop_raises_and_leaves_the_engine_usable(engine, bad_call):
+    """The host callback catches the drafter's error, ends the jitted loop and re-raises it."""
+    ps = prompts(9, seed=7)
+    ref = reference(engine, ps, 20)
+    with pytest.raises(ValueError, match="outside"):
+        engine.generate_speculative(ps, [Buggy(ref[0], bad_call)], max_new_tokens=20, stop_ids=())
+    res = engine.generate_speculative(ps, [Oracle(ref[0])], max_new_tokens=20, stop_ids=())
+    assert res.tokens[0].tolist() == ref[0].tolist()
 
 
 def test_drafter_count_must_match_prompts(engine):
@@ -211,7 +235,7 @@ def test_eval_reports_speedup_and_matches_plain(tmp_path, capsys):
     prompts_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "r.json"
     assert main([str(run), "--prompts", str(prompts_file), "--drafter", "pld", "--out", str(out),
-                 "--max-new-tokens", "16", "--batch-size", "2"]) == 0
+                 "--max-new-tokens", "16", "--batch-size", "2", "--repeats", "1"]) == 0
     rep = json.loads(out.read_text())
     assert rep["drafter"] == "pld" and rep["matches_plain"] is True
     assert rep["speedup"] > 0 and rep["tokens_per_s"] > 0 and rep["mat"] >= 1.0
