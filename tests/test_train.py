@@ -127,6 +127,11 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path):
         err = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("WARNING")]
         assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in r.stderr, (args, r.stderr)
         assert not run.exists(), args
+    # overrides may also follow --run-dir (the bad one is still reported in one line)
+    run = tmp_path / "run_after"
+    r = _cli([str(good), "--run-dir", str(run), "train.nope=1"], tmp_path)
+    err = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("WARNING")]
+    assert r.returncode == 2 and len(err) == 1 and "nope" in err[0] and not run.exists(), r.stderr
     # a run directory holding another architecture's config is refused and left untouched
     for name, model in {"samba": {"arch": "samba", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 16},
                         "wider": {"arch": "decoder", "d_model": 48, "n_layers": 2, "n_heads": 2}}.items():

@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--coordinator", default=None, help="host:port of process 0")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow --run-dir
     if args.distributed or args.coordinator:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
