@@ -202,11 +202,10 @@ class Engine:
                             temperature_B, top_k_B, top_p_B)
         # The pending token and the accepted drafts become final; the correction/bonus is the next pending.
         cache = model.commit(cache, jnp.where(live_B, n_acc + 1, 0))
-        k1 = inputs_BxK1.shape[1]
+        b, k1 = inputs_BxK1.shape
         i = jnp.arange(k1)[None, :]
-        drafts = jnp.concatenate([draft_BxK, jnp.full((inputs_BxK1.shape[0], 1), self.pad_id, draft_BxK.dtype)], axis=1)
+        drafts = jnp.concatenate([draft_BxK, jnp.full((b, 1), self.pad_id, draft_BxK.dtype)], axis=1)
         out_BxK1 = jnp.where(i < n_acc[:, None], drafts, jnp.where(i == n_acc[:, None], nxt[:, None], self.pad_id))
-        b = inputs_BxK1.shape[0]
         topk = jax.lax.top_k(logits_BxK1xV, observe_k)[1] if observe_k else jnp.zeros((b, k1, 0), jnp.int32)
         return cache, out_BxK1, n_acc + 1, topk.astype(jnp.int32)
 

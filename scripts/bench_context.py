@@ -5,6 +5,8 @@
     python scripts/bench_context.py --extrapolation RUN_DIR [RUN_DIR ...] --out FILE.json [--lengths 512,2048,8192]
     python scripts/bench_context.py --scan-memory --out FILE.json [--size small] [--seq-lens 1024,4096]
 
+`--out` writes a JSON list of rows (latency rows carry `arch`, `context`, `ms_per_token`, `cache_bytes`).
+
 Latency mode: per-token latency (median over steps of a jitted, donated K=1 extend + commit at batch 1) and
 the committed cache's bytes, at each context, for configs/{samba,decoder}_{size}.toml (random init). The
 cache state at context C is built by setting lengths = C on a cache whose buffers hold random values instead
@@ -315,9 +317,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result["platform"] = platform.platform()
+    meta = {k: v for k, v in result.items() if k != "rows"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps([{**meta, **r} for r in result["rows"]], indent=1))  # a list of rows
     print(f"wrote {out}")
     return 0
 

@@ -4,11 +4,12 @@
         [--dtype float32] [--batch 1 8] [--prompt-len 256] [--new-tokens 128] [--repeats 5]
 
 A decode step at small batch reads every weight once plus the context's cache, so its floor is
-bytes / read bandwidth. The bandwidth is measured in the same run, between the timed decode runs (a jitted sum over
-a 1 GiB array, median of all samples), and `roofline_fraction` = (bytes per step / bandwidth) / measured time per step.
-Bytes per step: all parameters, plus per row the cache entries of the positions in context (cache leaves
-with an axis after the batch that spans the cache capacity are per-position; other leaves, like recurrent states or a sliding
-window ring, are read whole). Random init; the numbers do not depend on the weights.
+bytes / read bandwidth. The bandwidth is measured in the same run, between the timed decode runs (a
+jitted sum over a 1 GiB array, median of all samples), and `roofline_fraction` = (bytes per step /
+bandwidth) / measured time per step. Bytes per step: all parameters, plus per row the cache entries of
+the positions in context (cache leaves with an axis after the batch that spans the cache capacity are
+per-position; other leaves, like recurrent states or a sliding window ring, are read whole). Random
+init; the numbers do not depend on the weights. `--out` writes a list of rows.
 """
 
 from __future__ import annotations
