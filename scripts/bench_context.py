@@ -15,7 +15,8 @@ shapes (static) and the lengths (which set how many cache blocks the decoder rea
 W-slot ring and fixed-size states, its masks are data), and no value in the buffers changes control flow.
 
 Extrapolation mode: validation bits per byte of trained runs (train.checkpoint.load_model) at several
-sequence lengths, with the model's full forward on `train.data.eval_batches` windows.
+sequence lengths, with the model's full forward. Every length scores the same target tokens: evenly
+spaced validation spans of the longest length, cut into windows of each length.
 
 Scan-memory mode: compiled peak temporary memory (XLA memory_analysis) of the gradient of one Mamba layer
 and of the whole SAMBA train loss, with the chunked rematerialised scan versus one chunk spanning the whole
@@ -184,7 +185,7 @@ def plot_latency(result: dict, path: str) -> None:
 # ---- length extrapolation ----------------------------------------------------------------------------------
 def run_extrapolation(args) -> dict:
     from train.checkpoint import load_model
-    from train.data import Corpus, eval_batches
+    from train.data import Corpus
     from train.tokenizer import get_tokenizer
 
     rows = []
@@ -202,21 +203,45 @@ def run_extrapolation(args) -> dict:
             nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
             return jnp.sum(nll), jnp.sum(targets < 256)  # specials carry no bytes (as in train.loop)
 
+        spans = same_token_spans(corpus.val, max(args.lengths), args.eval_tokens)
         for length in args.lengths:
+            windows = split_spans(spans, length)
             bs = max(1, args.batch_tokens // length)
-            nb = max(1, -(-args.eval_tokens // (bs * length)))
             nll, n_bytes = 0.0, 0
             t0 = time.perf_counter()
-            for batch in eval_batches(corpus.val, batch_size=bs, seq_len=length, n_batches=nb):
-                s, n = score(params, jnp.asarray(batch))
+            for i in range(0, len(windows), bs):
+                s, n = score(params, jnp.asarray(windows[i:i + bs]))
                 nll, n_bytes = nll + float(s), n_bytes + int(n)
             row = {"run": str(run_dir), "name": cfg.name, "arch": cfg.model.arch, "step": int(step),
                    "train_seq_len": cfg.data.seq_len, "window": getattr(cfg.model, "window", None),
-                   "eval_len": length, "bpb": nll / max(n_bytes, 1) / LN2, "tokens": bs * nb * length,
+                   "eval_len": length, "bpb": nll / max(n_bytes, 1) / LN2, "tokens": windows.shape[0] * length,
                    "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(f"  {cfg.name:20s} len {length:6d}: {row['bpb']:.4f} bits/byte", flush=True)
     return {"mode": "extrapolation", "device": device_name(), "rows": rows}
+
+
+def same_token_spans(val: np.ndarray, span_len: int, n_tokens: int) -> np.ndarray:
+    """Evenly spaced validation spans of span_len + 1 tokens, about n_tokens target tokens in all.
+
+    Every evaluation length cuts the same spans into windows, so each length scores exactly the same target
+    tokens and only the context available to each prediction differs (windows sampled per length would
+    compare different text: at 150-600 steps that alone moved bits/byte by several percent).
+    """
+    n_spans = max(1, n_tokens // span_len)
+    if len(val) < span_len + 2:
+        raise ConfigError(f"validation split has {len(val)} tokens, fewer than {span_len + 2}")
+    starts = np.linspace(0, len(val) - span_len - 2, n_spans).astype(np.int64)
+    return np.asarray(val[starts[:, None] + np.arange(span_len + 1)[None, :]], np.int32)
+
+
+def split_spans(spans: np.ndarray, length: int) -> np.ndarray:
+    """[S, M+1] spans -> [S * M / length, length + 1] windows (consecutive windows share one token)."""
+    m = spans.shape[1] - 1
+    if m % length:
+        raise ConfigError(f"evaluation length {length} must divide the longest length {m}")
+    idx = np.arange(0, m, length)[:, None] + np.arange(length + 1)[None, :]
+    return spans[:, idx].reshape(-1, length + 1)
 
 
 def print_extrapolation(result: dict) -> None:

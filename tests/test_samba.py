@@ -280,3 +280,23 @@ def test_config_validation():
     from models.registry import MODELS
     assert MODELS["samba"] is SambaLM
 
+
+
+def test_extrapolation_windows_score_the_same_tokens_at_every_length():
+    """bench_context's length-extrapolation eval: each length cuts the same spans, so targets are identical."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_context.py"
+    spec = importlib.util.spec_from_file_location("bench_context", path)
+    bc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bc)
+    val = np.arange(10_000) % 251
+    spans = bc.same_token_spans(val, 64, 256)
+    assert spans.shape == (4, 65)
+    targets = {length: np.sort(bc.split_spans(spans, length)[:, 1:].ravel()) for length in (8, 16, 64)}
+    assert all(np.array_equal(targets[8], t) for t in targets.values())
+    w = bc.split_spans(spans, 16)
+    assert w.shape == (16, 17) and np.array_equal(w[1, :], spans[0, 16:33])  # consecutive windows share a token
+    with pytest.raises(bc.ConfigError):
+        bc.split_spans(spans, 24)
