@@ -454,28 +454,13 @@ class Engine:
         prompts = [np.zeros(prompt_len, np.int32)] * batch_size
         self.generate(prompts, max_new_tokens=2, stop_ids=())
         if speculative:
+            from decode.drafters import Drafter  # drafts nothing; numba loads only when speculation is wanted
+
             for observe in (False, True):
-                self.generate_speculative(prompts, [_DraftNothing(observe) for _ in prompts], max_new_tokens=2,
-                                          stop_ids=())
-
-
-class _DraftNothing:
-    """Drafts nothing; with `uses_observe` it asks for top-k ids. Compiles a speculative loop variant."""
-
-    def __init__(self, uses_observe: bool):
-        self.uses_observe = uses_observe
-
-    def reset(self, prompt):
-        pass
-
-    def draft(self, k):
-        return np.zeros(0, np.int32)
-
-    def accept(self, tokens):
-        pass
-
-    def observe(self, inputs, topk):
-        pass
+                drafters = [Drafter() for _ in prompts]
+                for d in drafters:
+                    d.uses_observe = observe
+                self.generate_speculative(prompts, drafters, max_new_tokens=2, stop_ids=())
 
 
 class _SpeculativeRun:

@@ -21,13 +21,12 @@ def dtype_of(name: str):
     return DTYPES[name]
 
 
-def dense(d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs, dtype, param_dtype, scale: float = 1.0,
-          use_bias: bool = False) -> nnx.Linear:
+def dense(d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs, dtype, param_dtype,
+          scale: float = 1.0) -> nnx.Linear:
     """Bias-free projection with fan-in init, optionally scaled (residual outputs use 1/sqrt(2*blocks))."""
     init = nnx.initializers.variance_scaling(scale ** 2, "fan_in", "truncated_normal")
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                      kernel_init=nnx.with_partitioning(init, axes),
-                      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                      kernel_init=nnx.with_partitioning(init, axes))
 
 
 class RMSNorm(nnx.Module):

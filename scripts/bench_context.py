@@ -228,11 +228,9 @@ def same_token_spans(val: np.ndarray, span_len: int, n_tokens: int) -> np.ndarra
     tokens and only the context available to each prediction differs (windows sampled per length would
     compare different text: at 150-600 steps that alone moved bits/byte by several percent).
     """
-    n_spans = max(1, n_tokens // span_len)
-    if len(val) < span_len + 2:
-        raise ConfigError(f"validation split has {len(val)} tokens, fewer than {span_len + 2}")
-    starts = np.linspace(0, len(val) - span_len - 2, n_spans).astype(np.int64)
-    return np.asarray(val[starts[:, None] + np.arange(span_len + 1)[None, :]], np.int32)
+    from train.data import eval_batches
+
+    return eval_batches(val, batch_size=max(1, n_tokens // span_len), seq_len=span_len, n_batches=1)[0]
 
 
 def split_spans(spans: np.ndarray, length: int) -> np.ndarray:
