@@ -1,7 +1,8 @@
 """Run configuration: TOML files with sections, loaded into frozen dataclasses, plus `section.key=value` overrides.
 
-A user's mistake raises ConfigError with one line that names the bad key or value and what is valid;
-the CLIs turn it into exit status 2 without a traceback.
+A user's mistake raises core.errors.UserError with one line that names the bad key or value and what is
+valid; the CLIs (core.errors.cli) turn it into exit status 2 without a traceback. Everything that can be
+checked without devices or data is checked here, when the config is built, so a CLI fails before it writes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import UserError
+from core.tokenizer import TOKENIZERS, get_tokenizer
 from models.registry import MODEL_CONFIGS
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,10 @@ class DataConfig:
     batch_size: int = 16
     val_fraction: float = 0.05
     cache_dir: str = ".cache/data"
+
+    def validate(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise UserError(f"unknown tokenizer {self.tokenizer!r}; valid: {', '.join(sorted(TOKENIZERS))}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def _coerce(where: str, tp, value):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list of {_type_name(inner)}, got {value!r}")
+            raise UserError(f"{where}: expected a list of {_type_name(inner)}, got {value!r}")
         return tuple(_coerce(where, inner, v) for v in value)
     if tp is bool:
         if isinstance(value, bool):
@@ -111,7 +114,7 @@ def _coerce(where: str, tp, value):
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
 def _build(cls, section: str, raw: dict):
@@ -120,18 +123,18 @@ def _build(cls, section: str, raw: dict):
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise ConfigError(f"unknown key {section}.{key}; valid keys: {', '.join(names)}")
+            raise UserError(f"unknown key {section}.{key}; valid keys: {', '.join(names)}")
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
-        raise ConfigError(f"[{section}]: {e}") from None
+        raise UserError(f"[{section}]: {e}") from None
     check = getattr(obj, "validate", None)
     if check is not None:
         try:
             check()
         except ValueError as e:
-            raise ConfigError(f"[{section}]: {e}") from None
+            raise UserError(f"[{section}]: {e}") from None
     return obj
 
 
@@ -148,10 +151,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, eq, text = item.partition("=")
         if not eq or "." not in key or not key.split(".", 1)[1]:
-            raise ConfigError(f"bad override {item!r}; expected section.key=value")
+            raise UserError(f"bad override {item!r}; expected section.key=value")
         section, name = key.split(".", 1)
         if section not in ("model", *SECTIONS):
-            raise ConfigError(f"unknown section {section!r} in {item!r}; valid: model, {', '.join(SECTIONS)}")
+            raise UserError(f"unknown section {section!r} in {item!r}; valid: model, {', '.join(SECTIONS)}")
         raw.setdefault(section, {})[name] = _parse_override_value(text)
     return raw
 
@@ -161,36 +164,40 @@ def from_dict(raw: dict, name: str) -> Config:
     raw.pop("name", None)
     unknown = set(raw) - {"model", *SECTIONS}
     if unknown:
-        raise ConfigError(f"unknown section [{sorted(unknown)[0]}]; valid: model, {', '.join(SECTIONS)}")
+        raise UserError(f"unknown section [{sorted(unknown)[0]}]; valid: model, {', '.join(SECTIONS)}")
     model_raw = dict(raw.get("model", {}))
     arch = model_raw.get("arch")
     if arch not in MODEL_CONFIGS:
-        raise ConfigError(f"model.arch must be one of {', '.join(sorted(MODEL_CONFIGS))}; got {arch!r}")
+        raise UserError(f"model.arch must be one of {', '.join(sorted(MODEL_CONFIGS))}; got {arch!r}")
     model = _build(MODEL_CONFIGS[arch], "model", model_raw)
     sections = {s: _build(cls, s, raw.get(s, {})) for s, cls in SECTIONS.items()}
     cfg = Config(name=name, model=model, **sections)
     if cfg.train.objective not in ("causal", "prefix"):
-        raise ConfigError(f"train.objective must be 'causal' or 'prefix'; got {cfg.train.objective!r}")
+        raise UserError(f"train.objective must be 'causal' or 'prefix'; got {cfg.train.objective!r}")
     if cfg.data.seq_len < 2 or cfg.data.batch_size < 1:
-        raise ConfigError("data.seq_len must be >= 2 and data.batch_size >= 1")
+        raise UserError("data.seq_len must be >= 2 and data.batch_size >= 1")
     if cfg.train.steps < 1:
-        raise ConfigError(f"train.steps must be >= 1; got {cfg.train.steps}")
+        raise UserError(f"train.steps must be >= 1; got {cfg.train.steps}")
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
         if getattr(cfg.train, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1; got {getattr(cfg.train, key)}")
+            raise UserError(f"train.{key} must be >= 1; got {getattr(cfg.train, key)}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in (0, 1); got {cfg.data.val_fraction}")
+        raise UserError(f"data.val_fraction must be in (0, 1); got {cfg.data.val_fraction}")
+    vocab = get_tokenizer(cfg.data.tokenizer).vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise UserError(f"model.vocab_size {cfg.model.vocab_size} < vocabulary {vocab} of tokenizer "
+                        f"{cfg.data.tokenizer!r}")
     return cfg
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path}")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot parse {path}: {e}") from None
+        raise UserError(f"cannot parse {path}: {e}") from None
     name = raw.get("name", path.stem)
     if path.name == "config.toml" and "name" in raw:
         name = raw["name"]
@@ -232,6 +239,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "TrainConfig", "DecodeConfig", "MeshConfig",
+    "Config", "DataConfig", "TrainConfig", "DecodeConfig", "MeshConfig",
     "load_config", "from_dict", "apply_overrides", "dumps", "save_config", "to_dict",
 ]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from train.config import ConfigError, DataConfig
+from core.config import DataConfig
+from core.errors import UserError
 
 CACHE_FORMAT = 1
 
@@ -50,7 +51,7 @@ def resolve_sources(patterns: tuple[str, ...]) -> list[tuple[str, Path]]:
                     rel = path.as_posix()
                 files.setdefault(rel, path)
     if not files:
-        raise ConfigError(f"data.sources matched no files: {list(patterns)}")
+        raise UserError(f"data.sources matched no files: {list(patterns)}")
     return sorted(files.items())
 
 
@@ -86,7 +87,7 @@ class Corpus:
             arrays[split] = (np.memmap(cache / f"{split}.bin", dtype=np.uint16, mode="r", shape=(n,))
                              if n else np.zeros((0,), np.uint16))
         if meta["train_tokens"] == 0:
-            raise ConfigError(f"data.sources gave an empty training split ({len(sources)} files)")
+            raise UserError(f"data.sources gave an empty training split ({len(sources)} files)")
         return cls(arrays["train"], arrays["val"], meta["corpus_hash"], tokenizer.name, meta)
 
 
@@ -128,7 +129,7 @@ def _tokenize_into(cache: Path, sources, tokenizer, val_fraction: float) -> None
 
 def _rows(batch_size: int, process_index: int, process_count: int) -> slice:
     if batch_size % process_count:
-        raise ConfigError(f"data.batch_size {batch_size} must divide by the process count {process_count}")
+        raise UserError(f"data.batch_size {batch_size} must divide by the process count {process_count}")
     local = batch_size // process_count
     return slice(process_index * local, (process_index + 1) * local)
 
@@ -142,7 +143,7 @@ def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, seq_
     """
     n = len(tokens)
     if n < seq_len + 2:
-        raise ConfigError(f"corpus split has {n} tokens, fewer than data.seq_len+2 = {seq_len + 2}")
+        raise UserError(f"corpus split has {n} tokens, fewer than data.seq_len+2 = {seq_len + 2}")
     starts = np.random.default_rng([seed, step]).integers(0, n - seq_len - 1, size=batch_size)
     starts = starts[_rows(batch_size, process_index, process_count)]
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
@@ -162,7 +163,7 @@ def eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, n_batches
     total = batch_size * n_batches
     span = seq_len + 1
     if n < span + 1:
-        raise ConfigError(f"validation split has {n} tokens, fewer than data.seq_len+2 = {seq_len + 2}")
+        raise UserError(f"validation split has {n} tokens, fewer than data.seq_len+2 = {seq_len + 2}")
     starts = np.linspace(0, n - span - 1, total).astype(np.int64)
     idx = starts[:, None] + np.arange(span)[None, :]
     windows = np.asarray(tokens[idx], dtype=np.int32)

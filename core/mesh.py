@@ -11,7 +11,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from train.config import ConfigError, MeshConfig
+from core.config import MeshConfig
+from core.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -33,14 +34,14 @@ RULES: dict[str, object] = {
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"mesh sizes must be positive with at most one -1; got {dict(zip(AXES, sizes))}")
+        raise UserError(f"mesh sizes must be positive with at most one -1; got {dict(zip(AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise ConfigError(f"mesh {dict(zip(AXES, sizes))} does not divide {n_devices} devices")
+            raise UserError(f"mesh {dict(zip(AXES, sizes))} does not divide {n_devices} devices")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) > n_devices:
-        raise ConfigError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices; {n_devices} available")
+        raise UserError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices; {n_devices} available")
     return tuple(sizes)
 
 
@@ -49,7 +50,7 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     shape = mesh_shape(cfg, len(devices))
     if math.prod(shape) < len(devices):
         if jax.process_count() > 1:
-            raise ConfigError(f"mesh {dict(zip(AXES, shape))} must span all {len(devices)} devices on multi-host")
+            raise UserError(f"mesh {dict(zip(AXES, shape))} must span all {len(devices)} devices on multi-host")
         devices = devices[:math.prod(shape)]  # an explicit smaller mesh uses the first devices
     # Recent JAX defaults to Explicit axes; this code relies on the compiler propagating shardings (Auto).
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

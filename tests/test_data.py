@@ -3,9 +3,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from train.config import ConfigError, DataConfig
-from train.data import Corpus, default_sources, eval_batches, get_batch, is_validation, prefix_lengths, resolve_sources
-from train.tokenizer import ByteTokenizer, get_tokenizer
+from core.config import DataConfig
+from core.data import Corpus, default_sources, eval_batches, get_batch, is_validation, prefix_lengths, resolve_sources
+from core.errors import UserError
+from core.tokenizer import ByteTokenizer, get_tokenizer
 
 
 def test_tokenizer_round_trips_text_and_bytes():
@@ -19,8 +20,22 @@ def test_tokenizer_round_trips_text_and_bytes():
     # specials are not bytes and are dropped on decode
     assert tok.decode([tok.bos_id, 104, 105, tok.eos_id, tok.pad_id]) == "hi"
     assert tok.vocab_size == 259 and {tok.bos_id, tok.eos_id, tok.pad_id} == {256, 257, 258}
-    with pytest.raises(ValueError, match="unknown tokenizer"):
+    with pytest.raises(UserError, match="unknown tokenizer 'bpe-nope'; valid: byte"):
         get_tokenizer("bpe-nope")
+
+
+def test_n_bytes_is_the_byte_table_on_host_and_in_jit():
+    import jax
+    import jax.numpy as jnp
+
+    tok = get_tokenizer("byte")
+    assert tok.bytes_per_id.shape == (tok.vocab_size,) and tok.bytes_per_id.dtype == np.int32
+    ids = np.array([[0, 104, 255, tok.bos_id], [tok.eos_id, tok.pad_id, 7, 7]])
+    want = np.array([[1, 1, 1, 0], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(tok.n_bytes(ids), want)
+    np.testing.assert_array_equal(jax.jit(tok.n_bytes)(jnp.asarray(ids)), want)
+    text = "ünïcödé ✓"
+    assert int(tok.n_bytes(tok.encode(text)).sum()) == len(text.encode("utf-8"))
 
 
 def test_split_is_deterministic_and_hash_based():
@@ -66,8 +81,8 @@ def test_corpus_cache_is_built_once_and_keyed(tmp_path):
     assert Corpus.open(cfg, tok).key != c1.key
 
 
-def test_empty_glob_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="matched no files"):
+def test_empty_glob_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="matched no files"):
         resolve_sources((str(tmp_path / "nothing" / "*.py"),))
 
 

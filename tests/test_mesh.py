@@ -3,24 +3,25 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from core.config import MeshConfig, from_dict
+from core.errors import UserError
+from core.mesh import make_mesh, mesh_shape, param_shardings
 from models.decoder import DecoderConfig, DecoderLM
-from flax import nnx
-from train.config import ConfigError, MeshConfig, from_dict
-from train.loop import train
-from train.mesh import make_mesh, mesh_shape, param_shardings
 from tests.test_train import _raw
+from train.loop import train
 
 
 def test_mesh_shape_resolves_minus_one_and_rejects_bad_sizes():
     assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
     assert mesh_shape(MeshConfig(data=-1, fsdp=1, tensor=1), 8) == (8, 1, 1)
-    with pytest.raises(ConfigError):
+    with pytest.raises(UserError):
         mesh_shape(MeshConfig(data=-1, fsdp=-1, tensor=1), 8)
-    with pytest.raises(ConfigError):
+    with pytest.raises(UserError):
         mesh_shape(MeshConfig(data=3, fsdp=-1, tensor=1), 8)
-    with pytest.raises(ConfigError):
+    with pytest.raises(UserError):
         mesh_shape(MeshConfig(data=16, fsdp=1, tensor=1), 8)
     assert make_mesh(MeshConfig(data=2, fsdp=1, tensor=1)).size == 2  # explicit smaller mesh
 
@@ -60,7 +61,7 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
     import subprocess
     import sys
 
-    from train.config import dumps
+    from core.config import dumps
 
     raw = _raw(tmp_path, steps=4, eval_every=4, checkpoint_every=4, log_every=1)
     (tmp_path / "c.toml").write_text(dumps(from_dict(raw, "mh")))

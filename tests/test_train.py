@@ -5,13 +5,22 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from train.checkpoint import load_model
-from train.config import ConfigError, apply_overrides, dumps, from_dict, load_config
-from train.loop import NonFiniteLoss, decay_mask, train
+from core import checkpoint
+from core.checkpoint import load_model
+from core.config import apply_overrides, dumps, from_dict, load_config, to_dict
+from core.errors import UserError
+from core.tokenizer import ByteTokenizer
+from models.contract import decay_mask
+from models.registry import build_model
+from train import loop
+from train.loop import NonFiniteLoss, Trainer, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +51,8 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path):
     raw = _raw(tmp_path, steps=120, lr=1e-2, warmup_steps=10, eval_every=120, checkpoint_every=120, log_every=40)
     cfg = from_dict(raw, "t")
     summary = train(cfg, tmp_path / "run", log=lambda *_: None)
-    from train.data import Corpus
-    from train.tokenizer import get_tokenizer
+    from core.data import Corpus
+    from core.tokenizer import get_tokenizer
     corpus = Corpus.open(cfg.data, get_tokenizer("byte"))
     counts = np.bincount(np.asarray(corpus.train), minlength=259).astype(float)
     p = counts[counts > 0] / counts.sum()
@@ -79,6 +88,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_weight_decay_mask_skips_norms_and_vectors():
+    """models.contract.decay_mask, which the models' decay_mask defaults to."""
     mask = decay_mask({"blk": {"norm": {"scale": np.ones(4)}, "mlp": {"kernel": np.ones((4, 4))},
                                "mix": {"A_log": np.ones((4, 2)), "D": np.ones(4)}}})
     assert mask == {"blk": {"norm": {"scale": False}, "mlp": {"kernel": True},
@@ -92,54 +102,164 @@ def test_config_overrides_types_and_round_trip(tmp_path):
     assert cfg.data.sources == ("a.py", "b.py")
     (tmp_path / "config.toml").write_text(dumps(cfg))
     assert load_config(tmp_path / "config.toml") == cfg
-    with pytest.raises(ConfigError, match=r"unknown key train\.stepz; valid keys: steps, seed"):
+    with pytest.raises(UserError, match=r"unknown key train\.stepz; valid keys: steps, seed"):
         load_config(ROOT / "configs" / "decoder_tiny.toml", ["train.stepz=3"])
-    with pytest.raises(ConfigError, match=r"train\.steps: expected int, got 'many'"):
+    with pytest.raises(UserError, match=r"train\.steps: expected int, got 'many'"):
         load_config(ROOT / "configs" / "decoder_tiny.toml", ["train.steps=many"])
-    with pytest.raises(ConfigError, match="expected section.key=value"):
+    with pytest.raises(UserError, match="expected section.key=value"):
         apply_overrides({}, ["steps"])
 
 
-def _cli(args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
 
 
-def test_cli_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path):
+def _tiny_cfg(tmp_path, **data_kw):
     raw = _raw(tmp_path)
-    good = tmp_path / "good.toml"
-    good.write_text(dumps(from_dict(raw, "good")))
-    (tmp_path / "bad.toml").write_text("[model\narch=")
-    cases = [
-        ["missing.toml"],
-        [str(tmp_path / "bad.toml")],
-        [str(good), "train.nope=1"],
-        [str(good), "train.steps=x"],
-        [str(good), "steps=3"],
-        [str(good), f"data.sources={tmp_path}/none/*.py"],
-        [str(good), "model.arch=transformerxl"],
-    ]
-    for i, args in enumerate(cases):
-        run = tmp_path / f"run{i}"
-        r = _cli([*args, "--run-dir", str(run)], tmp_path)
-        assert r.returncode == 2, (args, r.stderr)
-        err = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("WARNING")]
-        assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in r.stderr, (args, r.stderr)
-        assert not run.exists(), args
-    # overrides may also follow --run-dir (the bad one is still reported in one line)
-    run = tmp_path / "run_after"
-    r = _cli([str(good), "--run-dir", str(run), "train.nope=1"], tmp_path)
-    err = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("WARNING")]
-    assert r.returncode == 2 and len(err) == 1 and "nope" in err[0] and not run.exists(), r.stderr
-    # a run directory holding another architecture's config is refused and left untouched
-    for name, model in {"samba": {"arch": "samba", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 16},
-                        "wider": {"arch": "decoder", "d_model": 48, "n_layers": 2, "n_heads": 2}}.items():
-        other = tmp_path / f"other_{name}"
-        other.mkdir()
-        (other / "config.toml").write_text(dumps(from_dict(raw | {"model": model}, name)))
-        before = (other / "config.toml").read_text()
-        r = _cli([str(good), "--run-dir", str(other)], tmp_path)
-        assert r.returncode == 2, r.stderr
-        assert ("holds a 'samba' run" if name == "samba" else "different settings") in r.stderr
-        assert (other / "config.toml").read_text() == before and sorted(os.listdir(other)) == ["config.toml"]
+    raw["data"].update(data_kw)
+    raw["mesh"] = {"data": 1}
+    return from_dict(raw, "t")
+
+
+def test_optimizer_decays_exactly_what_the_models_mask_says(tmp_path):
+    cfg = _tiny_cfg(tmp_path)
+    model = build_model(cfg.model, seed=0)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mask = model.decay_mask(params)
+    flat_mask = jax.tree.leaves(mask)
+    assert any(flat_mask) and not all(flat_mask)  # matrices decay, norm scales do not
+    tx = make_optimizer(cfg.train, mask)
+    opt = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    new = params
+    for _ in range(3):  # the warmup starts at lr 0; with zero gradients only weight decay moves a parameter
+        updates, opt = tx.update(zeros, opt, new)
+        new = optax.apply_updates(new, updates)
+    for m, old, cur in zip(flat_mask, jax.tree.leaves(params), jax.tree.leaves(new)):
+        if m:
+            assert not np.array_equal(np.asarray(old), np.asarray(cur))
+        else:
+            np.testing.assert_array_equal(np.asarray(old), np.asarray(cur))
+
+
+class _PairTokenizer(ByteTokenizer):
+    """A test tokenizer whose non-special ids each stand for two bytes."""
+
+    name = "pairs-test"
+    bytes_per_id = np.array([2] * 256 + [0] * 3, np.int32)
+
+
+@pytest.mark.parametrize("tokenizer,per_byte", [("byte", 1), ("pairs", 2)])
+def test_eval_counts_bytes_with_the_tokenizers_table(tmp_path, monkeypatch, tokenizer, per_byte):
+    """Bits per byte divide by the tokenizer's byte count: specials (EOS) count 0, other ids what the table says."""
+    from core import tokenizer as tokenizer_mod
+    from core.mesh import make_mesh, param_shardings
+
+    monkeypatch.setitem(tokenizer_mod.TOKENIZERS, "pairs", _PairTokenizer)
+    cfg = _tiny_cfg(tmp_path, tokenizer=tokenizer)
+    model = build_model(cfg.model, seed=0)
+    graphdef, _ = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mesh = make_mesh(cfg.mesh)
+    trainer = Trainer(cfg, graphdef, make_optimizer(cfg.train, model.decay_mask(params)), mesh,
+                      param_shardings(model, mesh), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                                 params))
+    trainer.build_steps()
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (4, 17)).astype(np.int32)
+    batch[0, 5] = batch[1, 9] = batch[2, 16] = 257  # EOS as a target three times, and as an input
+    batch[3, 0] = 257  # only an input (position 0 is never a target)
+    nll, n_bytes = trainer.eval_step(params, batch)
+    assert float(n_bytes) == per_byte * (4 * 16 - 3)
+    assert np.isfinite(float(nll)) and float(nll) > 0
+
+
+def _hand_checkpoint(cfg, run_dir, step=3, *, old_layout=False):
+    """A run directory with one checkpoint of a freshly initialised model, written directly with orbax;
+    `old_layout` writes the items of the layout before "params" was its own item ("state" + "config")."""
+    from core.config import save_config
+
+    model = build_model(cfg.model, seed=1)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = {"params": params, "opt": make_optimizer(cfg.train, model.decay_mask(params)).init(params),
+             "step": jnp.int32(step)}
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.toml")
+    mngr = checkpoint.manager(run_dir)
+    if old_layout:
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                config=ocp.args.JsonSave(to_dict(cfg))))
+    else:
+        checkpoint.save(mngr, step, state, cfg)
+    mngr.wait_until_finished()
+    mngr.close()
+    return params
+
+
+def test_load_model_restores_params_without_building_an_optimizer(tmp_path, monkeypatch):
+    cfg = _tiny_cfg(tmp_path)
+    saved = _hand_checkpoint(cfg, tmp_path / "run")
+
+    def no_optimizer(*a, **k):
+        raise AssertionError("load_model built an optimizer")
+
+    for name in ("adamw", "adam", "chain", "masked"):
+        monkeypatch.setattr(optax, name, no_optimizer)
+    monkeypatch.setattr(loop, "make_optimizer", no_optimizer)
+    got_cfg, model, step = load_model(tmp_path / "run")
+    assert step == 3 and got_cfg == cfg
+    for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_loading_a_model_imports_nothing_from_train_or_decode(tmp_path):
+    cfg = _tiny_cfg(tmp_path)
+    _hand_checkpoint(cfg, tmp_path / "run")
+    code = ("import sys; from core.checkpoint import load_model; load_model(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('train', 'decode')))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def _tree_snapshot(path: Path) -> dict:
+    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(path.rglob("*"))}
+
+
+def test_old_layout_checkpoint_is_refused_with_one_line(tmp_path):
+    cfg = _tiny_cfg(tmp_path)
+    run = tmp_path / "old"
+    _hand_checkpoint(cfg, run, old_layout=True)
+    before = _tree_snapshot(run)
+    with pytest.raises(UserError) as e:
+        load_model(run)
+    msg = str(e.value)
+    assert "\n" not in msg and "predates" in msg and "'params'" in msg and "retrain" in msg, msg
+    # resuming training from it is refused the same way, before anything in the run directory is written
+    with pytest.raises(UserError, match="predates"):
+        train(cfg, run, log=lambda *_: None)
+    assert _tree_snapshot(run) == before
+
+
+def test_convert_checkpoint_rewrites_an_old_run_losslessly(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "scripts" / "convert_checkpoint.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    cfg = _tiny_cfg(tmp_path)
+    saved = _hand_checkpoint(cfg, tmp_path / "old", old_layout=True)
+    before = _tree_snapshot(tmp_path / "old")
+    assert convert.main([str(tmp_path / "old"), str(tmp_path / "new")]) == 0
+    assert _tree_snapshot(tmp_path / "old") == before  # the old run is only read
+    _, model, step = load_model(tmp_path / "new")
+    assert step == 3
+    for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    mngr = checkpoint.manager(tmp_path / "new", create=False)
+    opt = make_optimizer(cfg.train, model.decay_mask(saved)).init(saved)
+    state = checkpoint.restore(mngr, 3, {"params": saved, "opt": opt, "step": jnp.int32(0)})
+    mngr.close()
+    assert int(state["step"]) == 3
+    assert jax.tree.structure(state["opt"]) == jax.tree.structure(opt)

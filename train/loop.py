@@ -3,7 +3,6 @@ in bits per byte, async orbax checkpoints, resume, and a stop on non-finite loss
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -17,14 +16,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from core import checkpoint
+from core.config import Config, load_config, save_config, to_dict
+from core.data import Corpus, eval_batches, get_batch, prefix_lengths
+from core.errors import UserError, cli
+from core.mesh import batch_sharding, batch_shards, make_mesh, param_shardings
+from core.tokenizer import get_tokenizer
+from models.contract import count_params
 from models.registry import build_model
-from train import checkpoint
-from train.config import Config, ConfigError, load_config, save_config, to_dict
-from train.data import Corpus, eval_batches, get_batch, prefix_lengths
-from train.mesh import batch_sharding, batch_shards, make_mesh, param_shardings
-from train.tokenizer import get_tokenizer
 
-NO_DECAY = {"scale", "bias", "A_log", "D", "dt_bias"}
 LN2 = math.log(2.0)
 
 
@@ -38,15 +38,9 @@ def lr_schedule(cfg) -> optax.Schedule:
                                               end_value=cfg.lr * cfg.min_lr_ratio)
 
 
-def decay_mask(params: dict) -> dict:
-    """Weight decay on matrices only: never on norms, biases, or Mamba's A_log / D / dt bias."""
-    def keep(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return x.ndim >= 2 and name not in NO_DECAY
-    return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def make_optimizer(cfg) -> optax.GradientTransformation:
+def make_optimizer(cfg, decay_mask) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping. `decay_mask` is the model's `model.decay_mask(params)`: a pytree of
+    bools like the parameters, True where weight decay applies."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
@@ -81,9 +75,8 @@ class Trainer:
     def _forward(self, params, tokens_BxL1, prefix_len_B, rng=None):
         model = nnx.merge(self.graphdef, params)
         inputs, targets = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
-        # Stochastic models (DLCM's sampled boundaries) take a key in training and are deterministic without.
-        kw = {"rng": rng} if rng is not None and "rng" in inspect.signature(type(model).__call__).parameters else {}
-        logits, aux = model(inputs, prefix_len_B, **kw)
+        # Stochastic models (DLCM's sampled boundaries) use the key in training; evaluation passes none.
+        logits, aux = model(inputs, prefix_len_B, rng=rng)
         weights = target_weights(targets, prefix_len_B)
         nll_sum, n = loss_terms(logits, targets, weights)
         return nll_sum, n, aux, targets, weights
@@ -110,9 +103,11 @@ class Trainer:
                        **{k: v for k, v in aux.items()}}
             return {"params": params, "opt": opt_state, "step": state["step"] + 1}, metrics
 
+        tok = get_tokenizer(self.cfg.data.tokenizer)
+
         def eval_step(params, tokens_BxL1):
             nll_sum, _, _, targets, weights = self._forward(params, tokens_BxL1, None)
-            n_bytes = jnp.sum(weights * (targets < 256))  # specials (EOS) carry no bytes
+            n_bytes = jnp.sum(weights * tok.n_bytes(targets))  # specials (EOS) carry no bytes
             return nll_sum, n_bytes
 
         state_sh = self.state_shardings()
@@ -140,15 +135,15 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
     saved_path = run_dir / "config.toml"
     if not saved_path.exists():
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"run directory {run_dir} is not empty and holds no config.toml")
+            raise UserError(f"run directory {run_dir} is not empty and holds no config.toml")
         return False
     saved = load_config(saved_path)
     if saved.model.arch != cfg.model.arch:
-        raise ConfigError(f"run directory {run_dir} holds a {saved.model.arch!r} run; this config is "
-                          f"{cfg.model.arch!r} (use another --run-dir)")
+        raise UserError(f"run directory {run_dir} holds a {saved.model.arch!r} run; this config is "
+                        f"{cfg.model.arch!r} (use another --run-dir)")
     if to_dict(saved)["model"] != to_dict(cfg)["model"]:
         diff = [k for k, v in to_dict(cfg)["model"].items() if to_dict(saved)["model"].get(k) != v]
-        raise ConfigError(f"run directory {run_dir} holds a model with different settings ({', '.join(diff)})")
+        raise UserError(f"run directory {run_dir} holds a model with different settings ({', '.join(diff)})")
     return True
 
 
@@ -157,24 +152,22 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     resuming = prepare_run_dir(cfg, run_dir)
-    tok = get_tokenizer(cfg.data.tokenizer)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} < tokenizer vocab {tok.vocab_size}")
+    tok = get_tokenizer(cfg.data.tokenizer)  # the name and vocabulary size were checked with the config
     corpus = Corpus.open(cfg.data, tok)
     mesh = make_mesh(cfg.mesh)
     shards = batch_shards(mesh)
     if cfg.data.batch_size % shards or cfg.data.batch_size % jax.process_count():
-        raise ConfigError(f"data.batch_size {cfg.data.batch_size} must divide by data*fsdp = {shards} "
-                          f"and by the process count {jax.process_count()}")
+        raise UserError(f"data.batch_size {cfg.data.batch_size} must divide by data*fsdp = {shards} "
+                        f"and by the process count {jax.process_count()}")
     val = eval_batches(corpus.val, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
                        n_batches=cfg.train.eval_batches)
     get_batch(corpus.train, seed=0, step=0, batch_size=1, seq_len=cfg.data.seq_len)  # size check
 
     model = build_model(cfg.model, seed=cfg.train.seed)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_params = count_params(model)
     graphdef, _ = nnx.split(model, nnx.Param)
-    tx = make_optimizer(cfg.train)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = make_optimizer(cfg.train, model.decay_mask(params))
     trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     trainer.build_steps()
@@ -184,18 +177,26 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
     state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
              "step": jnp.zeros((), jnp.int32)}
 
-    # Only now, with the config, corpus and model known good, does the run directory get written.
     lead = jax.process_index() == 0
     if not lead:
         log = lambda *_: None  # noqa: E731  (one process speaks and writes the run's text files)
+    mngr, start = None, 0
+    if resuming and (run_dir / "checkpoints").is_dir():  # restored first: a checkpoint that cannot be resumed
+        mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)  # is refused before any write
+        try:
+            if mngr.latest_step() is not None:
+                start = mngr.latest_step()
+                state = jax.device_put(checkpoint.restore(mngr, start, state), state_sh)
+        except BaseException:
+            mngr.close()
+            raise
+    # Only now, with the config, corpus, model and checkpoint known good, does the run directory get written.
     run_dir.mkdir(parents=True, exist_ok=True)
     if lead:
         save_config(cfg, run_dir / "config.toml")
-    mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
-    start = 0
-    if resuming and mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        state = jax.device_put(checkpoint.restore(mngr, start, state), state_sh)
+    if mngr is None:
+        mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
+    if start:
         log(f"resumed from step {start} in {run_dir}")
     end = cfg.train.steps if not cfg.train.stop_after else min(cfg.train.steps, cfg.train.stop_after)
 
@@ -290,6 +291,19 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
     return summary
 
 
+def init_distributed(coordinator, num_processes, process_id) -> None:
+    """jax.distributed.initialize; settings it rejects are the user's mistake (one line, exit 2)."""
+    if coordinator is not None and (":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()):
+        raise UserError(f"--coordinator must be host:port; got {coordinator!r}")
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except ValueError as e:  # missing or inconsistent settings (e.g. no process count outside a cluster)
+        raise UserError(f"distributed setup: {e}") from None
+
+
+@cli
 def main(argv=None) -> int:
     import argparse
 
@@ -304,20 +318,19 @@ def main(argv=None) -> int:
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     args = p.parse_intermixed_args(argv)  # overrides may follow --run-dir
-    if args.distributed or args.coordinator:
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    distributed = args.distributed or args.coordinator is not None
+    if not distributed and (args.num_processes is not None or args.process_id is not None):
+        raise UserError("--num-processes and --process-id need --coordinator (or --distributed)")
+    # The config is checked first: a mistake in it ends every process at once, before any of them waits on
+    # the coordinator.
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    if distributed:
+        init_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
-        cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.run_dir or Path("runs") / cfg.name)
         summary = train(cfg, run_dir)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
+    except NonFiniteLoss as e:  # not a user error: the run itself diverged (exit 1)
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 0
-
