@@ -14,8 +14,8 @@ of prefilling C tokens. For timing this is the same computation: a decode step's
 shapes (static) and the lengths (which set how many cache blocks the decoder reads; SAMBA reads its whole
 W-slot ring and fixed-size states, its masks are data), and no value in the buffers changes control flow.
 
-Extrapolation mode: validation bits per byte of trained runs (train.checkpoint.load_model) at several
-sequence lengths, with the model's full forward. Every length scores the same target tokens: evenly
+Extrapolation mode: validation bits per byte of trained runs (core.checkpoint.load_model) at several
+sequence lengths, with the model's full forward; bytes are counted with the run's tokenizer. Every length scores the same target tokens: evenly
 spaced validation spans of the longest length, cut into windows of each length.
 
 Scan-memory mode: compiled peak temporary memory (XLA memory_analysis) of the gradient of one Mamba layer
@@ -43,9 +43,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from models.decoder import count_params  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.errors import UserError, cli  # noqa: E402
+from models.contract import count_params  # noqa: E402
 from models.registry import build_model  # noqa: E402
-from train.config import ConfigError, load_config  # noqa: E402
 
 LN2 = math.log(2.0)
 
@@ -82,10 +83,10 @@ def tree_bytes(tree) -> int:
 def cache_at(model, context: int, headroom: int, seed: int = 0):
     """A cache as after `context` committed tokens: random buffers, lengths = context (see module doc)."""
     cache = model.init_cache(1, context + headroom)
-    leaves, tree = jax.tree.flatten(cache["layers"])
+    leaves, tree = jax.tree.flatten(cache.layers)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     leaves = [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
-    return {**cache, "lengths": jnp.full((1,), context, jnp.int32), "layers": jax.tree.unflatten(tree, leaves)}
+    return cache._replace(lengths=jnp.full((1,), context, jnp.int32), layers=jax.tree.unflatten(tree, leaves))
 
 
 def decode_step_fn(model):
@@ -184,9 +185,9 @@ def plot_latency(result: dict, path: str) -> None:
 
 # ---- length extrapolation ----------------------------------------------------------------------------------
 def run_extrapolation(args) -> dict:
-    from train.checkpoint import load_model
-    from train.data import Corpus
-    from train.tokenizer import get_tokenizer
+    from core.checkpoint import load_model
+    from core.data import Corpus
+    from core.tokenizer import get_tokenizer
 
     rows = []
     for run_dir in args.extrapolation:
@@ -201,7 +202,7 @@ def run_extrapolation(args) -> dict:
             targets = batch_BxL1[:, 1:]
             logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
             nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-            return jnp.sum(nll), jnp.sum(targets < 256)  # specials carry no bytes (as in train.loop)
+            return jnp.sum(nll), jnp.sum(tok.n_bytes(targets))  # specials carry no bytes (as in train.loop)
 
         spans = same_token_spans(corpus.val, max(args.lengths), args.eval_tokens)
         for length in args.lengths:
@@ -228,7 +229,7 @@ def same_token_spans(val: np.ndarray, span_len: int, n_tokens: int) -> np.ndarra
     tokens and only the context available to each prediction differs (windows sampled per length would
     compare different text: at 150-600 steps that alone moved bits/byte by several percent).
     """
-    from train.data import eval_batches
+    from core.data import eval_batches
 
     return eval_batches(val, batch_size=max(1, n_tokens // span_len), seq_len=span_len, n_batches=1)[0]
 
@@ -237,7 +238,7 @@ def split_spans(spans: np.ndarray, length: int) -> np.ndarray:
     """[S, M+1] spans -> [S * M / length, length + 1] windows (consecutive windows share one token)."""
     m = spans.shape[1] - 1
     if m % length:
-        raise ConfigError(f"evaluation length {length} must divide the longest length {m}")
+        raise UserError(f"evaluation length {length} must divide the longest length {m}")
     idx = np.arange(0, m, length)[:, None] + np.arange(length + 1)[None, :]
     return spans[:, idx].reshape(-1, length + 1)
 
@@ -305,6 +306,7 @@ def run_scan_memory(args) -> dict:
     return {"mode": "scan_memory", "device": device_name(), "config": cfg_file, "dtype": cfg.dtype, "rows": rows}
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -325,20 +327,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.size is None:
         args.size = "tiny" if jax.default_backend() == "cpu" else "small"
-    try:
-        if args.extrapolation:
-            result = run_extrapolation(args)
-            print_extrapolation(result)
-        elif args.scan_memory:
-            result = run_scan_memory(args)
-        else:
-            result = run_latency(args)
-            print_latency(result)
-            if args.plot:
-                plot_latency(result, args.plot)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.extrapolation:  # inputs checked before hours of evaluation
+        longest = max(args.lengths)
+        bad = [n for n in args.lengths if longest % n]
+        if bad:
+            raise UserError(f"every --lengths value must divide the longest ({longest}); {bad[0]} does not")
+        missing = [r for r in args.extrapolation if not (Path(r) / "config.toml").is_file()]
+        if missing:
+            raise UserError(f"not a run directory (no config.toml): {missing[0]}")
+        result = run_extrapolation(args)
+        print_extrapolation(result)
+    elif args.scan_memory:
+        result = run_scan_memory(args)
+    else:
+        result = run_latency(args)
+        print_latency(result)
+        if args.plot:
+            plot_latency(result, args.plot)
     result["platform"] = platform.platform()
     meta = {k: v for k, v in result.items() if k != "rows"}
     out = Path(args.out)

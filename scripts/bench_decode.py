@@ -31,7 +31,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from core.errors import UserError, cli  # noqa: E402
 from decode.engine import Engine  # noqa: E402
+from models.contract import count_params  # noqa: E402
 from models.registry import MODEL_CONFIGS, build_model  # noqa: E402
 
 # ~26M parameters at d_model 512, 8 layers, 8 heads, byte vocabulary.
@@ -40,7 +42,7 @@ BENCH_MODEL = {"d_model": 512, "n_layers": 8, "n_heads": 8, "vocab_size": 259}
 
 def model_config(args):
     if args.config:
-        from train.config import load_config
+        from core.config import load_config
         cfg = load_config(args.config).model
     else:
         cls = MODEL_CONFIGS[args.arch]
@@ -75,12 +77,11 @@ class ReadBandwidth:
         return float(np.median(self.samples))
 
 
-def step_bytes(engine: Engine, batch: int, mean_context: float) -> tuple[int, int]:
+def step_bytes(model, max_len: int, batch: int, mean_context: float) -> tuple[int, int]:
     """(parameter bytes, cache bytes read per step for the whole batch) at a mean context length."""
-    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.params))
-    model = nnx.merge(engine.graphdef, engine.params)
-    cache = jax.eval_shape(lambda: model.init_cache(batch, engine.max_len))
-    capacity = model.cache_capacity(engine.max_len)
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+    cache = jax.eval_shape(lambda: model.init_cache(batch, max_len))
+    capacity = model.cache_capacity(max_len)
     kv = 0.0
     for leaf in jax.tree.leaves(cache):
         nbytes = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
@@ -91,7 +92,7 @@ def step_bytes(engine: Engine, batch: int, mean_context: float) -> tuple[int, in
     return params, int(kv)
 
 
-def bench_one(engine: Engine, batch: int, prompt_len: int, new: int, repeats: int, bw: ReadBandwidth, arch: str,
+def bench_one(engine: Engine, model, max_len: int, batch: int, prompt_len: int, new: int, repeats: int, bw: ReadBandwidth, arch: str,
               dtype: str):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, size=prompt_len) for _ in range(batch)]
@@ -111,7 +112,7 @@ def bench_one(engine: Engine, batch: int, prompt_len: int, new: int, repeats: in
     decode = float(np.median([r.decode_s for r in runs]))
     steps = new - 1
     step_s = decode / steps
-    pbytes, kvbytes = step_bytes(engine, batch, prompt_len + new / 2)
+    pbytes, kvbytes = step_bytes(model, max_len, batch, prompt_len + new / 2)
     floor_s = (pbytes + kvbytes) / bw.median
     return {
         "arch": arch, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new,
@@ -130,7 +131,8 @@ def bench_one(engine: Engine, batch: int, prompt_len: int, new: int, repeats: in
     }
 
 
-def main(argv=None):
+@cli
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--arch", default="decoder", choices=sorted(MODEL_CONFIGS))
@@ -141,16 +143,18 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    if min(args.batch) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
+        raise UserError("--batch, --prompt-len and --repeats must be >= 1 and --new-tokens >= 2")
 
     cfg = model_config(args)
     model = build_model(cfg, seed=0)
     max_len = args.prompt_len + args.new_tokens + 17  # default verify slack
     engine = Engine(model, max_len=max_len)
-    n_params = sum(x.size for x in jax.tree.leaves(engine.params))
+    n_params = count_params(model)
     bw = ReadBandwidth()
     meta = {"params": int(n_params), "device": str(jax.devices()[0]), "backend": jax.default_backend(),
             "model": dataclasses.asdict(cfg), "argv": sys.argv[1:]}
-    rows = [{**bench_one(engine, b, args.prompt_len, args.new_tokens, args.repeats, bw, cfg.arch, args.dtype), **meta}
+    rows = [{**bench_one(engine, model, max_len, b, args.prompt_len, args.new_tokens, args.repeats, bw, cfg.arch, args.dtype), **meta}
             for b in args.batch]
 
     hdr = ("arch", "dtype", "batch", "tokens_per_s", "ms_per_step", "roofline_ms_per_step", "roofline_fraction",
@@ -161,7 +165,8 @@ def main(argv=None):
     for r in rows:
         print(" | ".join(f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in hdr))
     Path(args.out).write_text(json.dumps(rows, indent=1))  # a list of rows (the stable interface)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

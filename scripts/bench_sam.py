@@ -2,10 +2,10 @@
 
     python scripts/bench_sam.py [--source train|stdlib] [--tokens N] [--out bench.json]
 
-`train` is the default corpus's training split through train.data; `stdlib` is every *.py file of the
+`train` is the default corpus's training split through core.data; `stdlib` is every *.py file of the
 running Python's standard library read directly (about 31.5M byte tokens on 3.11), EOS between files.
 The build and the load each run in a fresh interpreter, so peak RSS and load time are not polluted by
-this process (or by JAX, which train.data pulls in).
+this process (or by JAX, which core.data pulls in).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from core.errors import UserError, cli  # noqa: E402  (no JAX: core.errors imports only the standard library)
 
 EOS = 257
 
@@ -53,12 +55,12 @@ def stdlib_tokens() -> np.ndarray:
 def corpus_tokens(source: str) -> tuple[np.ndarray, str]:
     if source in ("auto", "train"):
         try:
-            from train.config import DataConfig
-            from train.data import Corpus
-            from train.tokenizer import get_tokenizer
+            from core.config import DataConfig
+            from core.data import Corpus
+            from core.tokenizer import get_tokenizer
 
             corpus = Corpus.open(DataConfig(), get_tokenizer("byte"))
-            return np.asarray(corpus.train), "stdlib train split (train.data)"
+            return np.asarray(corpus.train), "stdlib train split (core.data)"
         except ImportError:
             if source == "train":
                 raise
@@ -181,6 +183,7 @@ def run_child(*args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", choices=("auto", "train", "stdlib"), default="auto")
@@ -196,6 +199,9 @@ def main(argv=None) -> int:
         print(json.dumps(res))
         return 0
 
+    if args.tokens < 0 or args.dyn_tokens < 1001 or args.lookup_tokens < 65:
+        raise UserError("--tokens must be >= 0, --dyn-tokens > 1000 (a 1000-token prompt comes first) and "
+                        "--lookup-tokens >= 65")
     tokens, source = corpus_tokens(args.source)
     if args.tokens:
         tokens = tokens[: args.tokens]

@@ -28,7 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from core.errors import UserError, cli  # noqa: E402  (standard library only: works in the torch venv)
+
+
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -40,12 +47,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.context < 1 or args.new_tokens < 2 or args.repeats < 1:
+        raise UserError("--context and --repeats must be >= 1 and --new-tokens >= 2")
     try:
         import torch
         from transformers import MambaConfig, MambaForCausalLM
     except ImportError as e:
-        print(f"error: {e}; this benchmark needs torch and transformers (see its docstring)", file=sys.stderr)
-        return 2
+        raise UserError(f"{e}; this benchmark needs torch and transformers (see its docstring)") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -2,8 +2,9 @@
 
     python scripts/bench_train.py configs/decoder_small.toml [overrides] --steps 20 --out bench_train.json
 
-Model FLOPs per token = 6 * (non-embedding params + head) + 12 * layers * seq_len * d_attn (causal attention
-counted in full, as in the PaLM appendix). MFU divides achieved model FLOP/s by the device's peak dense bf16
+Model FLOPs per token come from the model (`model.flops_per_token(seq_len)`, part of the model contract: for
+attention models 6 * (non-embedding params + head) + 12 * layers * seq_len * d_attn, causal attention counted
+in full as in the PaLM appendix). MFU divides achieved model FLOP/s by the device's peak dense bf16
 FLOP/s (known devices, or --peak-tflops).
 """
 
@@ -18,31 +19,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.errors import UserError, cli  # noqa: E402
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v5p": 459.0}
 
 
-def model_flops_per_token(cfg, n_params: int, model=None) -> float:
-    if hasattr(model, "flops_per_token"):  # models whose cost is not "6N + attention" say so themselves
-        return float(model.flops_per_token(cfg.data.seq_len))
-    m = cfg.model
-    n_embed = m.vocab_size * m.d_model
-    dense = n_params - n_embed + (n_embed if m.tie_embeddings else 0)  # the head matmul counts, the lookup not
-    attn_layers = m.n_layers if m.arch == "decoder" else m.n_layers // 2
-    seq = cfg.data.seq_len if m.arch == "decoder" else min(cfg.data.seq_len, getattr(m, "window", cfg.data.seq_len))
-    d_attn = m.n_heads * (getattr(m, "head_dim", 0) or m.d_model // m.n_heads)
-    return 6.0 * dense + 12.0 * attn_layers * seq * d_attn
-
-
+@cli
 def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
+    from core.config import load_config
+    from core.mesh import batch_sharding, batch_shards, make_mesh, param_shardings
+    from models.contract import count_params
     from models.registry import build_model
-    from train.config import ConfigError, load_config
     from train.loop import Trainer, make_optimizer
-    from train.mesh import batch_sharding, make_mesh, param_shardings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
@@ -52,17 +45,18 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0; got {args.steps} and {args.warmup}")
+    cfg = load_config(args.config, args.overrides)
     mesh = make_mesh(cfg.mesh)
+    if cfg.data.batch_size % batch_shards(mesh):
+        raise UserError(f"data.batch_size {cfg.data.batch_size} must divide by data*fsdp = {batch_shards(mesh)}")
     model = build_model(cfg.model, seed=0)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_params = count_params(model)
+    fpt = float(model.flops_per_token(cfg.data.seq_len))
     graphdef, _ = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = make_optimizer(cfg.train)
+    tx = make_optimizer(cfg.train, model.decay_mask(params))
     trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     trainer.build_steps()
@@ -90,7 +84,6 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     tps = b * l / step_s
-    fpt = model_flops_per_token(cfg, n_params, build_model(cfg.model, seed=0))
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", str(dev))
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)

@@ -16,32 +16,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.errors import UserError, cli  # noqa: E402
+
+
+def _json(path: Path, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
 
 def read_run(run_dir: Path) -> dict:
-    from train.config import load_config
+    from core.config import load_config
 
     cfg = load_config(run_dir / "config.toml")
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = [_json(metrics_path, x) for x in metrics_path.read_text().splitlines() if x.strip()]
     train_tps = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
     vals = [(m["step"], m["val_bpb"]) for m in metrics if "val_bpb" in m]
     evals = {}
     for path in sorted(run_dir.glob("eval_*.json")):
-        rep = json.loads(path.read_text())
+        rep = _json(path, path.read_text())
         evals[rep["drafter"]] = rep
     if evals and "none" not in evals:  # every speculative report carries its plain baseline
         base = next(iter(evals.values()))["baseline"]
         evals["none"] = {"drafter": "none", "tokens_per_s": base["tokens_per_s"], "mat": 1.0, "speedup": None}
     summary = {}
     if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = _json(run_dir / "summary.json", (run_dir / "summary.json").read_text())
     return {"name": cfg.name, "arch": cfg.model.arch, "params": summary.get("params"), "metrics": metrics,
             "val": vals, "train_tokens_per_s": sorted(train_tps)[len(train_tps) // 2] if train_tps else None,
             "evals": evals, "steps": metrics[-1]["step"] if metrics else 0}
 
 
+ORDER = ["none", "pld", "recycle", "sam", "sam+recycle"]
+
+
+def drafter_order(runs: list[dict]) -> list[str]:
+    """The drafters evaluated in any run: the known ones in a fixed order, then any others by name."""
+    names = {d for r in runs for d in r["evals"]}
+    return sorted(names, key=lambda d: (ORDER.index(d) if d in ORDER else len(ORDER), d))
+
+
 def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    order = ["none", "pld", "recycle", "sam", "sam+recycle"]
-    drafters = sorted({d for r in runs for d in r["evals"]}, key=order.index)
+    drafters = drafter_order(runs)
     head = ["run", "arch", "params", "steps", "train tok/s", "val bpb"]
     for d in drafters:
         head += [f"{d} tok/s", f"{d} MAT"] + ([f"{d} speedup"] if d != "none" else [])
@@ -82,7 +100,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
             axes[0].plot(*zip(*r["val"]), "o--", label=f"{r['name']} val")
     axes[0].set(xlabel="step", ylabel="bits per byte", title="Training and validation")
     axes[0].legend(fontsize=8)
-    drafters = [d for d in ("none", "pld", "recycle", "sam", "sam+recycle") if any(d in r["evals"] for r in runs)]
+    drafters = drafter_order(runs)
     width = 0.8 / max(1, len(runs))
     for i, r in enumerate(runs):
         ds = [d for d in drafters if d in r["evals"]]
@@ -98,6 +116,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
     return files
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
@@ -105,9 +124,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "config.toml").is_file() or not (r / "metrics.jsonl").is_file()]
     if missing:
-        print(f"error: not a finished run directory: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    runs = [read_run(r) for r in args.runs]
+        raise UserError(f"not a finished run directory (needs config.toml and metrics.jsonl): {', '.join(missing)}")
+    runs = [read_run(r) for r in args.runs]  # every input is read before anything is written
     head, rows = table(runs)
     text = render(head, rows)
     print(text)
