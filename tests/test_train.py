@@ -210,10 +210,12 @@ def test_load_model_restores_params_without_building_an_optimizer(tmp_path, monk
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_loading_a_model_imports_nothing_from_train_or_decode(tmp_path):
+def test_core_and_loading_a_model_import_nothing_from_train_or_decode(tmp_path):
+    """core/ is the layer below train/ and decode/: importing all of it and loading a model pulls in neither."""
     cfg = _tiny_cfg(tmp_path)
     _hand_checkpoint(cfg, tmp_path / "run")
-    code = ("import sys; from core.checkpoint import load_model; load_model(sys.argv[1]); "
+    code = ("import sys; import core.errors, core.tokenizer, core.config, core.data, core.mesh, core.checkpoint; "
+            "core.checkpoint.load_model(sys.argv[1]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('train', 'decode')))")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env, capture_output=True, text=True,
