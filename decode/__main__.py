@@ -1,7 +1,7 @@
 """Generate text from a trained run.
 
     python -m decode RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T --top-k K --top-p P]
-        [--seed S --step STEP]
+        [--seed S --step STEP --prefix | --no-prefix]
     python -m decode RUN_DIR --prompts FILE.jsonl [--out FILE.jsonl] [--batch-size B] [...]
 
 --prompt streams the completion to stdout as it is generated: the jitted loop runs in chunks of
@@ -9,8 +9,10 @@
 between chunks prints whole. --prompts reads JSONL objects with "id" and "prompt" (or "tokens", a list of
 ids), decodes them in batches of --batch-size (the last batch is padded, so it reuses the compiled loop)
 and writes JSONL lines with id, prompt, completion, tokens and tokens_per_s (the batch's generated tokens
-over its wall time). Sampling defaults come from the run's [decode] config. Errors in the run directory,
-the prompts file or the request end with one line on stderr and exit status 2.
+over its wall time). Sampling defaults come from the run's [decode] config. A run trained as a prefix LM
+(train.objective = "prefix") reads the prompt as a bidirectional prefix; --prefix/--no-prefix overrides.
+Errors in the run directory, the prompts file or the request end with one line on stderr and exit status 2
+(core.errors.cli), before any output file is opened.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import codecs
 import json
 import sys
 import time
+
+from core.errors import UserError, cli
 
 
 def _decoder(tok):
@@ -52,22 +56,7 @@ def stream_one(engine, tok, text: str, kw: dict, chunk: int) -> None:
           f"includes compilation]", file=sys.stderr)
 
 
-def encode_all(engine, tok, items: list[dict], max_new_tokens: int) -> list:
-    """Token ids of every prompt, all checked before any decoding starts."""
-    from decode.engine import InputError
-
-    ids = []
-    for it in items:
-        try:
-            ids.append(engine.check_prompt(it["tokens"] if "tokens" in it else tok.encode(it["prompt"]),
-                                           max_new_tokens))
-        except InputError as e:
-            raise InputError(f"prompt id {it['id']!r}: {e}") from None
-    return ids
-
-
-def run_file(engine, tok, items: list[dict], kw: dict, batch_size: int, out) -> None:
-    all_ids = encode_all(engine, tok, items, kw["max_new_tokens"])
+def run_file(engine, tok, items: list[dict], all_ids: list, kw: dict, batch_size: int, out) -> None:
     total, secs = 0, 0.0
     for i in range(0, len(items), batch_size):
         batch, ids = items[i:i + batch_size], all_ids[i:i + batch_size]
@@ -86,6 +75,7 @@ def run_file(engine, tok, items: list[dict], kw: dict, batch_size: int, out) -> 
     print(f"[{len(items)} prompts, {total} tokens, {total / secs:.1f} tokens/s]", file=sys.stderr)
 
 
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m decode", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -101,34 +91,35 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=16, help="loop steps between streamed prints")
+    ap.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=None,
+                    help="read the prompt as a bidirectional prefix (default: iff the run trained a prefix LM)")
     args = ap.parse_args(argv)
 
     from pathlib import Path
 
-    from decode.engine import InputError, engine_for_run
-    from decode.prompts import UsageError, read_prompts
-    from train.config import ConfigError
+    from decode.engine import engine_for_run, prefix_note
+    from decode.prompts import encode_all, read_prompts
 
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.chunk < 1:
+        raise UserError(f"--chunk must be >= 1; got {args.chunk}")
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"no such run directory: {args.run_dir}")
+    items = read_prompts(args.prompts) if args.prompts else None
+    cfg, tok, engine = engine_for_run(args.run_dir, step=args.step, prefix=args.prefix)
+    prefix_note(engine)
+    kw = sampling_args(args, cfg)
+    if items is None:
+        stream_one(engine, tok, args.prompt, kw, args.chunk)
+        return 0
+    ids = encode_all(engine, tok, items, kw["max_new_tokens"])  # every prompt checked before --out is opened
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
-        if args.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
-        if not Path(args.run_dir).is_dir():
-            raise UsageError(f"no such run directory: {args.run_dir}")
-        items = read_prompts(args.prompts) if args.prompts else None
-        cfg, tok, engine = engine_for_run(args.run_dir, step=args.step)
-        kw = sampling_args(args, cfg)
-        if items is None:
-            stream_one(engine, tok, args.prompt, kw, args.chunk)
-        else:
-            out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-            try:
-                run_file(engine, tok, items, kw, args.batch_size, out)
-            finally:
-                if out is not sys.stdout:
-                    out.close()
-    except (UsageError, ConfigError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        run_file(engine, tok, items, ids, kw, args.batch_size, out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
     return 0
 
 

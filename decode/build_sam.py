@@ -14,9 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-
-class UsageError(Exception):
-    pass
+from core.errors import UserError, cli
 
 
 def resolve(target: str) -> tuple[Path, Path]:
@@ -25,18 +23,17 @@ def resolve(target: str) -> tuple[Path, Path]:
     if path.is_dir():
         config = path / "config.toml"
         if not config.is_file():
-            raise UsageError(f"{path} is a directory without config.toml; pass a run directory or a config file")
+            raise UserError(f"{path} is a directory without config.toml; pass a run directory or a config file")
         return config, path
     if path.is_file():
         return path, Path()  # run directory comes from the config's name
-    raise UsageError(f"no such run directory or config file: {path}")
+    raise UserError(f"no such run directory or config file: {path}")
 
 
 def build(target: str, *, max_tokens: int | None = None, out: str | None = None, log=print) -> Path:
-    from train.config import ConfigError, load_config
-    from train.data import Corpus
-    from train.tokenizer import get_tokenizer
-
+    from core.config import load_config
+    from core.data import Corpus
+    from core.tokenizer import get_tokenizer
     from decode.sam import SuffixAutomaton
 
     config, run_dir = resolve(target)
@@ -44,15 +41,15 @@ def build(target: str, *, max_tokens: int | None = None, out: str | None = None,
         cfg = load_config(config)
         tok = get_tokenizer(cfg.data.tokenizer)
         corpus = Corpus.open(cfg.data, tok)
-    except ConfigError as e:
-        raise UsageError(f"{config}: {e}") from None
+    except UserError as e:
+        raise UserError(f"{config}: {e}") from None
     if run_dir == Path():
         run_dir = Path("runs") / cfg.name
     out_dir = Path(out) if out else run_dir / "sam"
     if max_tokens is None:
         max_tokens = cfg.decode.sam_max_tokens  # 0: the whole split
     if max_tokens < 0:
-        raise UsageError(f"--max-tokens must be >= 0 (0 = whole training split); got {max_tokens}")
+        raise UserError(f"--max-tokens must be >= 0 (0 = whole training split); got {max_tokens}")
     train = corpus.train
     n = len(train) if max_tokens == 0 else min(max_tokens, len(train))
     t0 = time.perf_counter()
@@ -61,12 +58,13 @@ def build(target: str, *, max_tokens: int | None = None, out: str | None = None,
     try:
         sam.save(out_dir, tokenizer=tok.name, corpus_hash=corpus.key)
     except OSError as e:
-        raise UsageError(f"cannot write {out_dir}: {e.strerror or e}") from None
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
     log(f"indexed {n:,} of {len(train):,} training tokens ({sam.n_states:,} states, {sam.n_edges:,} edges, "
         f"{sam.nbytes / max(n, 1):.1f} B/token) in {build_s:.1f}s -> {out_dir}")
     return out_dir
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m decode.build_sam", description=__doc__.split("\n")[0])
     parser.add_argument("target", metavar="RUN_DIR_OR_CONFIG")
@@ -74,11 +72,7 @@ def main(argv=None) -> int:
                         help="index at most N training tokens (default: decode.sam_max_tokens; 0 = all)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/sam)")
     args = parser.parse_args(argv)
-    try:
-        build(args.target, max_tokens=args.max_tokens, out=args.out)
-    except UsageError as e:
-        print(f"build_sam: error: {e}", file=sys.stderr)
-        return 2
+    build(args.target, max_tokens=args.max_tokens, out=args.out)
     return 0
 
 

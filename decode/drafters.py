@@ -6,7 +6,8 @@ Protocol (the engine calls, per row):
 - `accept(tokens)` with the tokens that became final this step (accepted draft tokens AND the bonus
   token), so after it the drafter's state covers all final output; rejected tokens never arrive;
 - `observe(inputs, topk)` with the verified positions' input ids [n] and the model's top-k next-token
-  ids there [n, k] (best first); a no-op unless `uses_observe` (Token Recycling).
+  ids there [n, k] (best first), called only when the drafter declares `observes` (Token Recycling): the
+  engine computes the top-k ids only when some row's drafter observes.
 
 Draft length is the drafter's call: it grows with the match length, which predicts acceptance. The
 DraftPolicy defaults suit CPU, where verifying 8 tokens costs about twice verifying 1; accelerators can
@@ -58,15 +59,21 @@ class DraftPolicy:
 
 
 class Drafter:
-    """Proposes nothing; the base of the others."""
+    """Proposes nothing; the base of the others. `Drafter(observes=True)` also asks for (and ignores) the
+    verifier's top-k ids: Engine.warmup compiles the observing variant of the loop with it."""
 
     name = "none"
-    uses_observe = False  # the engine may skip computing top-k when no drafter wants it
 
-    def __init__(self, policy: DraftPolicy | None = None):
+    def __init__(self, policy: DraftPolicy | None = None, *, observes: bool = False):
         self.policy = policy or DraftPolicy()
+        self._observes = bool(observes)
         self.last_match_len = 0
         self.last_source = "none"
+
+    @property
+    def observes(self) -> bool:
+        """Whether `observe` wants the verifier's top-k ids (the engine computes them only if some row does)."""
+        return self._observes
 
     def reset(self, prompt_tokens: np.ndarray) -> None:
         self.last_match_len = 0
@@ -200,7 +207,7 @@ class RecycleDrafter(Drafter):
     """Token Recycling alone: a greedy chain from the last final token."""
 
     name = "recycle"
-    uses_observe = True
+    observes = True
 
     def __init__(self, vocab_size: int, policy: DraftPolicy | None = None):
         super().__init__(policy)
@@ -242,7 +249,10 @@ class SAMDrafter(Drafter):
         self.static_cursor: Cursor | None = static_sam.cursor() if static_sam is not None else None
         self.dynamic = DynamicMatcher()
         self.aux = aux
-        self.uses_observe = aux is not None and aux.uses_observe
+
+    @property
+    def observes(self) -> bool:
+        return self.aux is not None and self.aux.observes
 
     def reset(self, prompt_tokens: np.ndarray) -> None:
         super().reset(prompt_tokens)

@@ -7,7 +7,9 @@ A speculative drafter is compared with plain decoding (`none`) run in the same p
 both after compiling every function they use, so that compilation is in neither timing. At temperature 0
 the speculative outputs must equal the plain ones; the report says whether they did (`matches_plain`).
 The static automaton of the `sam` drafters is read from --sam (default RUN_DIR/sam) and refused unless it
-was built from this run's corpus and tokenizer.
+was built from this run's corpus and tokenizer. A run trained as a prefix LM reads its prompts as a
+bidirectional prefix (--prefix/--no-prefix overrides). User errors: one line on stderr, exit status 2, no
+report written (core.errors.cli).
 """
 
 from __future__ import annotations
@@ -17,22 +19,23 @@ import json
 import sys
 from pathlib import Path
 
+from core.errors import UserError, cli
+
 
 def static_automaton(sam_dir: Path, cfg, tok):
-    from decode.prompts import UsageError
+    from core.data import Corpus
     from decode.sam import SuffixAutomaton
-    from train.data import Corpus
 
     if not (sam_dir / "header.json").is_file():  # before opening (maybe tokenizing) the corpus
-        raise UsageError(f"no suffix automaton at {sam_dir} (build one with: python -m decode.build_sam RUN_DIR "
-                         f"--out {sam_dir})")
+        raise UserError(f"no suffix automaton at {sam_dir} (build one with: python -m decode.build_sam RUN_DIR "
+                        f"--out {sam_dir})")
     corpus_hash = Corpus.open(cfg.data, tok).key
     try:
         # Read into memory rather than memory-mapped: a timed run should not pay the page faults of its
         # first visits to each part of a 1.2 GB automaton (measured: ~2 ms of drafting per step otherwise).
         return SuffixAutomaton.load(sam_dir, tokenizer=tok.name, corpus_hash=corpus_hash, mmap=False)
     except ValueError as e:
-        raise UsageError(f"{e} (build one with: python -m decode.build_sam RUN_DIR --out {sam_dir})") from None
+        raise UserError(f"{e} (build one with: python -m decode.build_sam RUN_DIR --out {sam_dir})") from None
 
 
 def default_max_draft() -> int:
@@ -61,7 +64,7 @@ def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int
 
     Prompt i samples with seed + i whatever its batch, so runs with different drafters are comparable.
     """
-    from decode.engine import Result
+    from decode.request import Result
 
     results = []
     n_batches = -(-len(ids) // batch_size)
@@ -80,6 +83,7 @@ def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int
     return Result.concat(results)
 
 
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m decode.eval", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -101,63 +105,60 @@ def main(argv=None) -> int:
     ap.add_argument("--max-draft", type=int, help="longest draft (default: 4 on CPU, where verifying K tokens costs "
                     "~K/4 plain steps, 16 on accelerators, where it is nearly flat); the "
                     "engine compiles verify steps for powers of two below it and for it")
+    ap.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=None,
+                    help="read prompts as a bidirectional prefix (default: iff the run trained a prefix LM)")
     args = ap.parse_args(argv)
 
-    from decode.__main__ import encode_all
-    from decode.drafters import DraftPolicy, make_drafter
-    from decode.engine import InputError, engine_for_run
-    from decode.prompts import UsageError, read_prompts
-    from train.config import ConfigError
+    from decode.drafters import DRAFTERS, DraftPolicy, make_drafter
+    from decode.engine import engine_for_run, prefix_note
+    from decode.prompts import encode_all, read_prompts
 
     drafters = [d for d in args.drafter.split(",") if d]
-    valid = ["none", "pld", "recycle", "sam", "sam+recycle"]
-    try:
-        bad = [d for d in drafters if d not in valid]
-        if not drafters or bad:
-            raise UsageError(f"unknown drafter {bad[0] if bad else args.drafter!r}; valid: {', '.join(valid)}")
-        if args.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1; got {args.batch_size}")
-        if args.repeats < 1:
-            raise UsageError(f"--repeats must be >= 1; got {args.repeats}")
-        if not Path(args.run_dir).is_dir():
-            raise UsageError(f"no such run directory: {args.run_dir}")
-        max_draft = default_max_draft() if args.max_draft is None else args.max_draft
-        if max_draft < 1:
-            raise UsageError(f"--max-draft must be >= 1; got {max_draft}")
-        items = read_prompts(args.prompts)
-        # 0 (no draft: a plain step), then powers of two up to max_draft
-        sizes = sorted({0} | {1 << i for i in range(max_draft.bit_length()) if 1 << i < max_draft} | {max_draft})
-        cfg, tok, engine = engine_for_run(args.run_dir, step=args.step, verify_sizes=sizes)
-        if args.max_new_tokens is None:
-            args.max_new_tokens = cfg.decode.max_new_tokens
-        ids = encode_all(engine, tok, items, args.max_new_tokens)
-        sam = None
-        if any(d.startswith("sam") for d in drafters):
-            sam = static_automaton(Path(args.sam) if args.sam else Path(args.run_dir) / "sam", cfg, tok)
-        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p)
-        bs = min(args.batch_size, len(ids))
-        for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
-            engine.warmup(bs, longest, speculative=drafters != ["none"])
-        makers = {}
-        for name in drafters:
-            makers[name] = lambda name=name: make_drafter(  # noqa: E731
-                name, vocab_size=engine.vocab_size, static_sam=sam, max_len=max_draft,
-                min_len=min(max_draft, DraftPolicy().min_len))
-            if name != "none":
-                warm_drafter(makers[name](), ids[0], max_draft)
-        passes: dict = {name: [] for name in ["none"] + [d for d in drafters if d != "none"]}
-        for r in range(args.repeats):  # interleaved, so that plain and speculative share the machine's mood
-            for name in passes:
-                label = name if args.repeats == 1 else f"{name} {r + 1}/{args.repeats}"
-                passes[name].append(run(engine, ids, drafter=name, batch_size=bs, kw=kw, seed=args.seed,
-                                        make=makers.get(name), label=label))
-        median = {name: sorted(rs, key=lambda x: x.seconds)[len(rs) // 2] for name, rs in passes.items()}
-        base = median["none"]
-        results = {name: median[name] for name in drafters}
-    except (UsageError, ConfigError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    valid = list(DRAFTERS)
+    bad = [d for d in drafters if d not in valid]
+    if not drafters or bad:
+        raise UserError(f"unknown drafter {bad[0] if bad else args.drafter!r}; valid: {', '.join(valid)}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1; got {args.repeats}")
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"no such run directory: {args.run_dir}")
+    max_draft = default_max_draft() if args.max_draft is None else args.max_draft
+    if max_draft < 1:
+        raise UserError(f"--max-draft must be >= 1; got {max_draft}")
+    items = read_prompts(args.prompts)
+    # 0 (no draft: a plain step), then powers of two up to max_draft
+    sizes = sorted({0} | {1 << i for i in range(max_draft.bit_length()) if 1 << i < max_draft} | {max_draft})
+    cfg, tok, engine = engine_for_run(args.run_dir, step=args.step, prefix=args.prefix, verify_sizes=sizes)
+    prefix_note(engine)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = cfg.decode.max_new_tokens
+    ids = encode_all(engine, tok, items, args.max_new_tokens)
+    sam = None
+    if any(d.startswith("sam") for d in drafters):
+        sam = static_automaton(Path(args.sam) if args.sam else Path(args.run_dir) / "sam", cfg, tok)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p)
+    bs = min(args.batch_size, len(ids))
+    for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
+        engine.warmup(bs, longest, speculative=drafters != ["none"])
+    makers = {}
+    for name in drafters:
+        makers[name] = lambda name=name: make_drafter(  # noqa: E731
+            name, vocab_size=engine.vocab_size, static_sam=sam, max_len=max_draft,
+            min_len=min(max_draft, DraftPolicy().min_len))
+        if name != "none":
+            warm_drafter(makers[name](), ids[0], max_draft)
+    passes: dict = {name: [] for name in ["none"] + [d for d in drafters if d != "none"]}
+    for r in range(args.repeats):  # interleaved, so that plain and speculative share the machine's mood
+        for name in passes:
+            label = name if args.repeats == 1 else f"{name} {r + 1}/{args.repeats}"
+            passes[name].append(run(engine, ids, drafter=name, batch_size=bs, kw=kw, seed=args.seed,
+                                    make=makers.get(name), label=label))
+    median = {name: sorted(rs, key=lambda x: x.seconds)[len(rs) // 2] for name, rs in passes.items()}
+    base = median["none"]
+    results = {name: median[name] for name in drafters}
     status = 0
     for name, spec in results.items():
         out = Path(args.out) / f"eval_{name}.json" if len(drafters) > 1 else Path(args.out)
@@ -171,7 +172,8 @@ def write_report(args, drafter, items, engine, max_draft, bs, base, spec, out: P
     report = {
         "run_dir": str(args.run_dir), "drafter": drafter, "n_prompts": len(items),
         "max_new_tokens": args.max_new_tokens, "batch_size": bs, "max_draft": max_draft,
-        "repeats": args.repeats, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "repeats": args.repeats, "prefix_prompt": engine.prefix_prompt, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p,
         "mat": spec.mat, "tokens_per_s": spec.tokens_per_s, "n_tokens": spec.n_tokens, "seconds": spec.seconds,
         "draft_us_per_step": spec.draft_us_per_step, "verify_calls": spec.verify_calls,
         "speedup": None if drafter == "none" else spec.tokens_per_s / base.tokens_per_s,

@@ -17,24 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-
-class UsageError(Exception):
-    pass
+from core.errors import UserError, cli
 
 
 def read_prompts(path) -> list[dict]:
     """[{"id", "prompt"} or {"id", "tokens"}] from JSONL; a missing id becomes the line number.
 
-    Raises UsageError naming the file and line for a missing file, bytes that are not UTF-8, bad JSON,
+    Raises UserError naming the file and line for a missing file, bytes that are not UTF-8, bad JSON,
     or an object without a string "prompt" (or a list "tokens").
     """
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as e:
-        raise UsageError(f"cannot read prompts file {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read prompts file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise UsageError(f"prompts file {path} is not valid UTF-8 (byte {e.start})") from None
+        raise UserError(f"prompts file {path} is not valid UTF-8 (byte {e.start})") from None
     out = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -42,19 +40,32 @@ def read_prompts(path) -> list[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{i}: not a JSON object ({e.msg})") from None
+            raise UserError(f"{path}:{i}: not a JSON object ({e.msg})") from None
         if not isinstance(obj, dict):
-            raise UsageError(f"{path}:{i}: expected a JSON object with \"prompt\", got {type(obj).__name__}")
+            raise UserError(f"{path}:{i}: expected a JSON object with \"prompt\", got {type(obj).__name__}")
         if isinstance(obj.get("tokens"), list):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in obj["tokens"]):
-                raise UsageError(f"{path}:{i}: \"tokens\" must be a list of integer ids")
+                raise UserError(f"{path}:{i}: \"tokens\" must be a list of integer ids")
         elif not isinstance(obj.get("prompt"), str):
-            raise UsageError(f"{path}:{i}: expected a string \"prompt\" (or a list \"tokens\")")
+            raise UserError(f"{path}:{i}: expected a string \"prompt\" (or a list \"tokens\")")
         obj.setdefault("id", i)
         out.append(obj)
     if not out:
-        raise UsageError(f"prompts file {path} holds no prompts")
+        raise UserError(f"prompts file {path} holds no prompts")
     return out
+
+
+def encode_all(engine, tok, items: list[dict], max_new_tokens: int) -> list[np.ndarray]:
+    """Token ids of every prompt item (its "tokens", or its "prompt" encoded), all checked against the
+    engine's limits before any decoding starts; UserError naming the prompt's id."""
+    ids = []
+    for it in items:
+        try:
+            ids.append(engine.check_prompt(it["tokens"] if "tokens" in it else tok.encode(it["prompt"]),
+                                           max_new_tokens))
+        except UserError as e:
+            raise UserError(f"prompt id {it['id']!r}: {e}") from None
+    return ids
 
 
 def documents(tokens: np.ndarray, eos_id: int) -> list[np.ndarray]:
@@ -84,7 +95,7 @@ def build_prompts(val_tokens: np.ndarray, tok, *, n: int, prompt_tokens: int, se
     # Room for a prompt and a continuation; U+FFFD means bytes that were not UTF-8 (skip such files).
     eligible = [(i, t) for i, t in texts if len(docs[i]) >= prompt_tokens * 3 // 2 and "\ufffd" not in t]
     if not eligible:
-        raise UsageError(f"no validation document has {prompt_tokens * 3 // 2} tokens; lower --prompt-tokens")
+        raise UserError(f"no validation document has {prompt_tokens * 3 // 2} tokens; lower --prompt-tokens")
     rng = np.random.default_rng(seed)
     picks = np.linspace(0, len(eligible), n, endpoint=False).astype(int)
     out = []
@@ -102,34 +113,41 @@ def build_prompts(val_tokens: np.ndarray, tok, *, n: int, prompt_tokens: int, se
     return out
 
 
+@cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m decode.prompts", description=__doc__.splitlines()[0])
     ap.add_argument("target", help="a run directory (with config.toml) or a config file")
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from train.config import ConfigError, load_config
-    from train.data import Corpus
-    from train.tokenizer import get_tokenizer
+    from core.config import load_config
+    from core.data import Corpus
+    from core.tokenizer import get_tokenizer
 
+    if args.n < 1 or args.prompt_tokens < 8:
+        raise UserError("--n must be >= 1 and --prompt-tokens >= 8")
+    path = Path(args.target)
+    config = path / "config.toml" if path.is_dir() else path
+    cfg = load_config(config)
+    tok = get_tokenizer(cfg.data.tokenizer)
+    val = Corpus.open(cfg.data, tok).val
+    prompts = build_prompts(val, tok, n=args.n, prompt_tokens=args.prompt_tokens, seed=args.seed)
+    if not prompts:
+        raise UserError(f"no line of the validation documents fits in {args.prompt_tokens} tokens; raise "
+                        f"--prompt-tokens")
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: an error leaves no partial file
     try:
-        if args.n < 1 or args.prompt_tokens < 8:
-            raise UsageError("--n must be >= 1 and --prompt-tokens >= 8")
-        path = Path(args.target)
-        config = path / "config.toml" if path.is_dir() else path
-        cfg = load_config(config)
-        tok = get_tokenizer(cfg.data.tokenizer)
-        val = Corpus.open(cfg.data, tok).val
-        prompts = build_prompts(val, tok, n=args.n, prompt_tokens=args.prompt_tokens, seed=args.seed)
-    except (UsageError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for p in prompts:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     lens = [len(tok.encode(p["prompt"])) for p in prompts]
     print(f"wrote {len(prompts)} prompts ({min(lens)}-{max(lens)} tokens) to {args.out}", file=sys.stderr)
     return 0

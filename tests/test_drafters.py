@@ -163,7 +163,7 @@ def test_sam_recycle_prefers_a_strong_match_over_recycling():
 def test_make_drafter_validates():
     for name in DRAFTERS:
         d = make_drafter(name, vocab_size=V)
-        assert d.uses_observe == name.endswith("recycle")
+        assert d.observes == name.endswith("recycle")
         d.reset(arr(1, 2, 1))
         assert d.draft(4).shape[0] <= 4
     with pytest.raises(ValueError, match="unknown drafter 'eagle'.*none, pld.*sam\\+recycle"):

@@ -1,4 +1,5 @@
-"""The plain decoding engine: cache equivalences, greedy vs naive, padding, compiles, stops, bad input."""
+"""The plain decoding engine: cache equivalences, greedy vs naive, padding, compiles, stops, bad input,
+prefix-LM prefill, and the `python -m decode` CLI."""
 
 import warnings
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from core.tokenizer import get_tokenizer
 from decode.engine import Engine
 from models.decoder import DecoderConfig, DecoderLM
-from train.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("byte")
 MAX_LEN = 96
@@ -36,16 +37,19 @@ def prompts(*lengths, seed=0):
 _FORWARDS = {}
 
 
-def naive_greedy(model, prompt, n):
+def naive_greedy(model, prompt, n, *, prefix=False):
     """Recompute the whole sequence for every token through the training forward, no cache.
 
     The sequence is right-padded to MAX_LEN (one compile); the mask is causal, so the logits at the last
-    real token do not see the padding.
+    real token do not see the padding. With `prefix`, every forward reads the prompt as a bidirectional
+    prefix (prefix_len_B = prompt length), as a prefix LM was trained.
     """
     if id(model) not in _FORWARDS:
-        _FORWARDS[id(model)] = jax.jit(lambda t: model(t)[0])
-    fwd = _FORWARDS[id(model)]
+        _FORWARDS[id(model)] = (jax.jit(lambda t: model(t)[0]), jax.jit(lambda t, plen: model(t, plen)[0]))
+    causal, with_prefix = _FORWARDS[id(model)]
     seq = [int(t) for t in prompt] or [TOK.bos_id]
+    plen = jnp.array([len(seq)], jnp.int32)
+    fwd = (lambda t: with_prefix(t, plen)) if prefix else causal
     out = []
     for _ in range(n):
         buf = np.zeros((1, MAX_LEN), np.int32)
@@ -84,7 +88,7 @@ def test_extend_prompt_then_tokens_equals_full_forward(model):
         logits, cache = ec(params, jnp.array([[t]]), cache, jnp.array([1]))
         got.append(np.asarray(logits)[0])
     np.testing.assert_allclose(np.concatenate(got), full, rtol=0, atol=2e-5)
-    assert int(cache["lengths"][0]) == 40
+    assert int(cache.lengths[0]) == 40
 
 
 def test_commit_fewer_than_extended_equals_never_seeing_the_rest(model):
@@ -229,27 +233,76 @@ def test_longest_prompt_and_budget_that_fit_are_accepted(model, engine):
     assert res.tokens[0].tolist() == naive_greedy(model, p, 5)
 
 
+# ---- prefix LM ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prefix_engine(model):
+    return Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id, stop_ids=(TOK.eos_id,), prefix_prompt=True)
+
+
+def test_prefix_prompt_greedy_equals_naive_prefix_recompute(model, engine, prefix_engine):
+    """prefix_prompt reads the prompt bidirectionally at prefill, then decodes causally: the same tokens as
+    recomputing the full forward with prefix_len = prompt length for every new token."""
+    assert prefix_engine.prefix_prompt and not prefix_engine.prefix_unsupported
+    ps = prompts(5, 17, 1, 30, seed=9)
+    res = prefix_engine.generate(ps, max_new_tokens=10, stop_ids=(), batch_size=ROWS)
+    causal = engine.generate(ps, max_new_tokens=10, stop_ids=(), batch_size=ROWS)
+    for p, got in zip(ps, res.tokens):
+        assert got.tolist() == naive_greedy(model, p, 10, prefix=True)
+    # The flag matters: the causal engine continues some prompt differently. A one-token prefix is causal.
+    assert any(a.tolist() != b.tolist() for a, b in zip(res.tokens, causal.tokens))
+    assert res.tokens[2].tolist() == causal.tokens[2].tolist()
+
+
+def test_prefix_prompt_streaming_equals_one_block(prefix_engine):
+    ps = prompts(13, 6, seed=10)
+    whole = prefix_engine.generate(ps, max_new_tokens=12, stop_ids=(), batch_size=ROWS)
+    pieces = list(prefix_engine.stream(ps, max_new_tokens=12, chunk=5, stop_ids=(), batch_size=ROWS))
+    for i in range(2):
+        assert np.concatenate([p[i] for p in pieces]).tolist() == whole.tokens[i].tolist()
+
+
+def test_prefix_prompt_on_a_causal_only_model_decodes_causally(model, engine):
+    """A model that cannot read a prefix (supports_prefix False, e.g. pure Mamba) decodes causally and says so
+    through `prefix_unsupported`: it was trained that way, so this is not an error."""
+    class CausalOnly(DecoderLM):
+        supports_prefix = False
+
+    same = CausalOnly(model.cfg, rngs=nnx.Rngs(0))  # the fixture's weights
+    eng = Engine(same, max_len=MAX_LEN, bos_id=TOK.bos_id, prefix_prompt=True)
+    assert eng.prefix_unsupported and not eng.prefix_prompt
+    ps = prompts(5, 17, 1, 30, seed=9)
+    got = eng.generate(ps, max_new_tokens=10, stop_ids=(), batch_size=ROWS)
+    want = engine.generate(ps, max_new_tokens=10, stop_ids=(), batch_size=ROWS)
+    assert [t.tolist() for t in got.tokens] == [t.tolist() for t in want.tokens]
+
+
 # ---- the CLI -----------------------------------------------------------------------------------------
 
-def make_run(path, seed=0):
-    """A run directory (config.toml + one orbax checkpoint) holding a small random decoder."""
-    from train.checkpoint import manager, save
-    from train.config import from_dict, save_config
+SMALL_DECODER = {"arch": "decoder", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "attn_block": 16}
+
+
+def make_run(path, seed=0, *, model=None, objective="causal"):
+    """A run directory (config.toml + one orbax checkpoint) holding a small random model (a decoder unless
+    `model` gives another [model] table), trained with `objective` as far as its config says."""
+    from core.checkpoint import manager, save
+    from core.config import from_dict, save_config
+    from models.registry import build_model
     from train.loop import make_optimizer
 
-    cfg = from_dict({"model": {"arch": "decoder", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                               "attn_block": 16},
+    cfg = from_dict({"model": model or SMALL_DECODER, "train": {"objective": objective},
                      "decode": {"max_len": 160, "max_new_tokens": 12}}, "cli_test")
     path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path / "config.toml")
-    model = DecoderLM(cfg.model, rngs=nnx.Rngs(seed))
+    lm = build_model(cfg.model, seed=seed)
     mngr = manager(path)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    state = {"params": params, "opt": make_optimizer(cfg.train).init(params), "step": jnp.int32(1)}
+    params = nnx.to_pure_dict(nnx.state(lm, nnx.Param))
+    state = {"params": params, "opt": make_optimizer(cfg.train, lm.decay_mask(params)).init(params),
+             "step": jnp.int32(1)}
     save(mngr, 1, state, cfg)
     mngr.wait_until_finished()
     mngr.close()
-    return model
+    return lm
 
 
 @pytest.fixture(scope="module")
@@ -295,13 +348,17 @@ def test_cli_prompts_file_writes_jsonl(run_dir, tmp_path, capsys):
     ("bad_json", ":2: not a JSON object"),
     ("bad_ids", "prompt id 'x': token id 300 out of range"),
     ("too_long", "prompt id 'y':"),
+    ("batch_size", "--batch-size must be >= 1"),
+    ("chunk", "--chunk must be >= 1"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(run_dir, tmp_path, capsys, case, match):
+    """Through core.errors.cli: one line on stderr, exit 2, and no --out file (every prompt is checked first)."""
     from decode.__main__ import main
 
     path, _ = run_dir
     f = tmp_path / "p.jsonl"
-    argv = [str(path), "--prompts", str(f)]
+    out = tmp_path / "o.jsonl"
+    argv = [str(path), "--prompts", str(f), "--out", str(out)]
     if case == "missing_run":
         argv[0] = str(tmp_path / "nope")
         f.write_text('{"prompt": "a"}\n')
@@ -316,6 +373,47 @@ def test_cli_errors_are_one_line_and_exit_2(run_dir, tmp_path, capsys, case, mat
         f.write_text('{"id": "x", "tokens": [1, 300]}\n')
     elif case == "too_long":
         f.write_text('{"id": "y", "prompt": "' + "a" * 200 + '"}\n')
+    elif case in ("batch_size", "chunk"):
+        f.write_text('{"prompt": "a"}\n')
+        argv += [f"--{case.replace('_', '-')}", "0"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def prefix_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prefix_run")
+    return path, make_run(path, objective="prefix")
+
+
+def test_cli_reads_the_prompt_as_a_prefix_for_a_prefix_lm_run(prefix_run, capsys):
+    """The run's objective decides (prefix), --no-prefix overrides; engine_for_run likewise."""
+    from decode.__main__ import main
+    from decode.engine import engine_for_run
+
+    path, model = prefix_run
+    text = "class Stack:\n    def push(self, x):"
+    ids = TOK.encode(text)
+    want = {flag: TOK.decode(until_eos(naive_greedy(model, ids, 10, prefix=flag))) + "\n" for flag in (True, False)}
+    assert want[True] != want[False]  # this prompt tells the two apart
+    for argv, prefix in (([], True), (["--no-prefix"], False), (["--prefix"], True)):
+        assert main([str(path), "--prompt", text, "--max-new-tokens", "10", *argv]) == 0
+        got = capsys.readouterr()
+        assert got.out == want[prefix] and "note:" not in got.err
+    assert engine_for_run(path)[2].prefix_prompt
+    assert not engine_for_run(path, prefix=False)[2].prefix_prompt
+
+
+def test_cli_prefix_on_a_causal_only_model_says_so_once(tmp_path, capsys):
+    from decode.__main__ import main
+
+    model = make_run(tmp_path / "run", model={"arch": "mamba", "d_model": 32, "n_layers": 2}, objective="prefix")
+    assert not model.supports_prefix
+    text = "x = 1\n"
+    assert main([str(tmp_path / "run"), "--prompt", text, "--max-new-tokens", "6"]) == 0
+    got = capsys.readouterr()
+    notes = [line for line in got.err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "causal" in notes[0]
+    assert got.out == TOK.decode(until_eos(naive_greedy(model, TOK.encode(text), 6))) + "\n"

@@ -251,10 +251,10 @@ def _tiny_run(tmp_path, sources):
 
 
 def test_build_sam_indexes_training_split(tmp_path):
+    from core.config import load_config
+    from core.data import Corpus
+    from core.tokenizer import get_tokenizer
     from decode import build_sam
-    from train.config import load_config
-    from train.data import Corpus
-    from train.tokenizer import get_tokenizer
 
     src = tmp_path / "src"
     src.mkdir()
@@ -285,7 +285,7 @@ def test_build_sam_bad_input_exits_2_without_output(tmp_path, capsys):
         out = tmp_path / "out"
         assert build_sam.main([target, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("build_sam: error:") and len(err.splitlines()) == 1 and "Traceback" not in err
+        assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err
         assert not out.exists()
     run = _tiny_run(tmp_path, [str(tmp_path / "nothing" / "*.py")])
     assert build_sam.main([str(run)]) == 2

@@ -1,6 +1,7 @@
 """Speculative decoding through the engine: greedy output identical to plain greedy for any drafter."""
 
 import dataclasses
+import json
 import warnings
 
 import jax
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from core.tokenizer import get_tokenizer
+from decode.drafters import Drafter, make_drafter
 from decode.engine import Engine
 from models.decoder import DecoderConfig, DecoderLM
 from models.registry import MODELS
-from train.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("byte")
 MAX_LEN = 96
@@ -20,10 +22,11 @@ SIZES = (1, 4, 8)
 ROWS = 3  # every multi-row test pads to this batch, so they share one set of compiles
 
 
-class Oracle:
+class Oracle(Drafter):
     """Drafts the true greedy continuation, known in advance."""
 
     def __init__(self, ref):
+        super().__init__()
         self.ref = np.asarray(ref, np.int32)
         self.pos = -1
         self.accepted = []
@@ -62,10 +65,11 @@ class Noisy(Oracle):
         return d
 
 
-class ModelGreedy:
+class ModelGreedy(Drafter):
     """Drafts the model's own greedy continuation of the current context (a strong, honest drafter)."""
 
     def __init__(self, engine):
+        super().__init__()
         self.engine = engine
 
     def reset(self, prompt):
@@ -81,6 +85,8 @@ class ModelGreedy:
 class Observing(Oracle):
     """Records what the observe hook receives."""
 
+    observes = True
+
     def __init__(self, ref):
         super().__init__(ref)
         self.seen = []
@@ -90,9 +96,13 @@ class Observing(Oracle):
 
 
 @pytest.fixture(scope="module")
-def engine():
-    model = DecoderLM(DecoderConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_block=16),
-                      rngs=nnx.Rngs(1))
+def model():
+    return DecoderLM(DecoderConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_block=16),
+                     rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
     return Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id, verify_sizes=SIZES)
 
 
@@ -178,6 +188,63 @@ def test_observe_hook_gets_verified_inputs_and_their_topk(engine):
         pos += len(inputs)
 
 
+class Blind(Oracle):
+    """Has an observe method but declares `observes = False`: the engine must not call it."""
+
+    def __init__(self, ref):
+        super().__init__(ref)
+        self.seen = []
+
+    def observe(self, inputs, topk):
+        self.seen.append(inputs)
+
+
+def test_only_drafters_that_declare_observes_are_fed_topk(engine):
+    ps = prompts(6, 11, seed=5)
+    ref = reference(engine, ps, 12)
+    a, b = Observing(ref[0]), Blind(ref[1])
+    res = engine.generate_speculative(ps, [a, b], max_new_tokens=12, stop_ids=(), batch_size=ROWS)
+    assert [t.tolist() for t in res.tokens] == [t.tolist() for t in ref]
+    assert len(a.seen) >= 2 and b.seen == []
+
+
+def test_prefix_prompt_speculative_greedy_equals_plain_greedy(model, engine):
+    """With prefix_prompt the speculative prefill reads the prompt as a prefix too, and the verify steps stay
+    causal: speculative greedy equals the prefix engine's plain greedy (which test_engine checks against a
+    naive prefix recompute), and differs from the causal engine's."""
+    pre = Engine(model, max_len=MAX_LEN, bos_id=TOK.bos_id, verify_sizes=SIZES, prefix_prompt=True)
+    ps = prompts(9, 23, 14, seed=11)
+    ref = reference(pre, ps, 30)
+    assert any(a.tolist() != b.tolist() for a, b in zip(ref, reference(engine, ps, 30)))
+    for seed in range(2):
+        drafters = [Oracle(ref[0]), Noisy(ref[1], seed), Observing(ref[2])]
+        res = pre.generate_speculative(ps, drafters, max_new_tokens=30, stop_ids=(), batch_size=ROWS)
+        assert [t.tolist() for t in res.tokens] == [t.tolist() for t in ref]
+    assert res.mat > 1.0
+
+
+def test_warmup_takes_arguments_and_leaves_drafters_alone():
+    """warmup compiles the variants it is asked for with its own stub drafters; the caller's drafters and the
+    Drafter class are untouched, and afterwards real drafters decode without a new compile."""
+    model = DecoderLM(DecoderConfig(d_model=32, n_layers=1, n_heads=2, attn_block=16), rngs=nnx.Rngs(3))
+    eng = Engine(model, max_len=64, bos_id=TOK.bos_id, verify_sizes=(2, 4))
+    mine = [make_drafter("pld", vocab_size=eng.vocab_size), make_drafter("sam+recycle", vocab_size=eng.vocab_size)]
+    before = [dict(vars(d)) for d in mine]
+    base = dict(vars(Drafter))
+    eng.warmup(2, 5, speculative=True, observe=(False,))
+    assert eng.traces == {"prefill": 1, "generate": 1, "speculate": 1}
+    eng.warmup(2, 5, speculative=True)  # observe=(False, True): adds the observing prefill and loop
+    assert eng.traces == {"prefill": 2, "generate": 1, "speculate": 2}
+    assert dict(vars(Drafter)) == base and not Drafter().observes and Drafter(observes=True).observes
+    assert [dict(vars(d)) for d in mine] == before
+    assert [d.observes for d in mine] == [False, True]
+    ps = prompts(5, 3, seed=12)
+    plain = eng.generate(ps, max_new_tokens=16, stop_ids=())
+    spec = eng.generate_speculative(ps, mine, max_new_tokens=16, stop_ids=())
+    assert [t.tolist() for t in spec.tokens] == [t.tolist() for t in plain.tokens]
+    assert eng.traces == {"prefill": 2, "generate": 1, "speculate": 2}
+
+
 def test_one_compile_for_all_verify_sizes_and_no_donation_warnings():
     model = DecoderLM(DecoderConfig(d_model=32, n_layers=1, n_heads=2, attn_block=16), rngs=nnx.Rngs(2))
     eng = Engine(model, max_len=64, bos_id=TOK.bos_id, verify_sizes=(2, 4))
@@ -222,8 +289,6 @@ def test_drafter_count_must_match_prompts(engine):
 # ---- the decoding eval and its prompts -----------------------------------------------------------------
 
 def test_eval_reports_speedup_and_matches_plain(tmp_path, capsys):
-    import json
-
     from decode.eval import main
     from test_engine import make_run
 
@@ -248,6 +313,67 @@ def test_eval_reports_speedup_and_matches_plain(tmp_path, capsys):
                  "--sam", str(tmp_path / "nosam"), "--max-new-tokens", "16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no suffix automaton" in err[0]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--drafter", "eagle"], "unknown drafter 'eagle'; valid: none, pld"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--max-draft", "0"], "--max-draft must be >= 1"),
+    (["--run", "nope"], "no such run directory"),
+    (["--prompts-text", '{"prompt": 3}\n'], "expected a string \"prompt\""),
+])
+def test_eval_errors_are_one_line_exit_2_and_write_no_report(tmp_path, capsys, argv, match):
+    from decode.eval import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text('{"prompt": "a"}\n')
+    if argv[0] == "--run":
+        run, argv = tmp_path / argv[1], []
+    elif argv[0] == "--prompts-text":
+        prompts_file.write_text(argv[1])
+        argv = []
+    out = tmp_path / "r.json"
+    assert main([str(run), "--prompts", str(prompts_file), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "missing"),
+    ("n", "--n must be >= 1"),
+    ("unwritable", "cannot write"),
+])
+def test_prompts_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, case, match):
+    from decode.prompts import main
+
+    from test_sam import _tiny_run
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"m{i}.py").write_text("".join(f"value_{j} = compute({j})\n" for j in range(60)))
+    run = _tiny_run(tmp_path, [str(src / "*.py")])
+    out = tmp_path / "prompts.jsonl"
+    argv = [str(run), "--out", str(out), "--n", "2", "--prompt-tokens", "64"]
+    if case == "missing":
+        argv[0] = str(tmp_path / "missing")
+    elif case == "n":
+        argv[4] = "0"
+    elif case == "unwritable":
+        out.mkdir()  # a directory where the file should go
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert not out.is_file() and not (tmp_path / "prompts.jsonl.tmp").exists()
+    if case == "n":  # the same run and arguments are fine otherwise
+        argv[4] = "2"
+        assert main(argv) == 0
+        got = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(got) == 2 and all(g["prompt"].startswith("value_") for g in got)
 
 
 def test_prompts_are_whole_lines_within_budget():
