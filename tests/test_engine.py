@@ -417,3 +417,29 @@ def test_cli_prefix_on_a_causal_only_model_says_so_once(tmp_path, capsys):
     notes = [line for line in got.err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "causal" in notes[0]
     assert got.out == TOK.decode(until_eos(naive_greedy(model, TOK.encode(text), 6))) + "\n"
+
+
+def test_decode_imports_nothing_from_train(run_dir):
+    """decode/ sits on core/ and models/: no module in it names train/, and loading a run for decoding (all
+    CLI modules imported) pulls in none of it."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted((root / "decode").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "train" for n in names), f"{f.name} imports {names}"
+    path, _ = run_dir
+    code = ("import sys; import decode.engine, decode.eval, decode.prompts, decode.build_sam, decode.__main__; "
+            "decode.engine.engine_for_run(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'train'))")
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"

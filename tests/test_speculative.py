@@ -395,23 +395,27 @@ def test_prompts_are_whole_lines_within_budget():
 
 # ---- every registered architecture through the same engine ----------------------------------------------
 
+@pytest.mark.parametrize("prefix", [False, True], ids=["causal", "prefix"])
 @pytest.mark.parametrize("arch", sorted(set(MODELS) - {"decoder"}))
-def test_engine_is_architecture_agnostic(arch):
-    """Plain greedy equals the training forward, and speculative greedy equals plain, for each model."""
+def test_engine_is_architecture_agnostic(arch, prefix):
+    """Plain greedy equals the training forward, and speculative greedy equals plain, for each model; with
+    prefix_prompt the forward reads the prompt as a prefix (a model that cannot, decodes causally)."""
     cls = MODELS[arch]
     names = {f.name for f in dataclasses.fields(cls.config_class)}
     small = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_block=16, window=8)
     model = cls(cls.config_class(**{k: v for k, v in small.items() if k in names}), rngs=nnx.Rngs(0))
-    eng = Engine(model, max_len=64, bos_id=TOK.bos_id, verify_sizes=(4,))
+    eng = Engine(model, max_len=64, bos_id=TOK.bos_id, verify_sizes=(4,), prefix_prompt=prefix)
+    assert eng.prefix_prompt == (prefix and model.supports_prefix)
     ps = prompts(5, 19, seed=8)
     plain = eng.generate(ps, max_new_tokens=12, stop_ids=())
-    fwd = jax.jit(lambda t: model(t)[0])
+    fwd = jax.jit(lambda t, plen: model(t, plen if prefix else None)[0])
     for p, got in zip(ps, plain.tokens):
         seq = [int(t) for t in p]
+        plen = jnp.array([len(p)], jnp.int32)
         for t in got:
             buf = np.zeros((1, 32), np.int32)
             buf[0, :len(seq)] = seq
-            assert int(jnp.argmax(fwd(buf)[0, len(seq) - 1])) == int(t)
+            assert int(jnp.argmax(fwd(buf, plen)[0, len(seq) - 1])) == int(t)
             seq.append(int(t))
     spec = eng.generate_speculative(ps, [Noisy(t, 3) for t in plain.tokens], max_new_tokens=12, stop_ids=())
     assert [t.tolist() for t in spec.tokens] == [t.tolist() for t in plain.tokens]
