@@ -74,8 +74,8 @@ class Loops:
         self.speculate = jax.jit(self._speculate, static_argnames=("observe_k",), donate_argnums=(1,))
 
     def _model(self, params):
-        # The parameters arrive as a flat list of arrays, not the nnx.State: flattening the State's Variable
-        # nodes in Python on every call cost ~1.4 ms per verify step (more than a tiny model's forward).
+        # A flat list of arrays, not the nnx.State (see Engine.__init__: flattening the State's Variable nodes
+        # in Python on every call cost ~1.4 ms per verify step).
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.params_def, params))
 
     # ---- prefill ----------------------------------------------------------------------------------
