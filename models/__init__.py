@@ -1,4 +1,4 @@
-"""Flax NNX models. Parameters carry logical axis names; train/mesh.py maps them to a device mesh."""
+"""Flax NNX models. Parameters carry logical axis names; core/mesh.py maps them to a device mesh."""
 
 from flax import nnx
 

@@ -134,7 +134,9 @@ def key_visible(q_pos, k_pos, *, window: int = 0, prefix_len=None):
         vis = vis | (k_pos < prefix_len)
     vis = vis & (k_pos >= 0)
     if window:
-        vis = vis & (q_pos - k_pos < window) & (k_pos - q_pos < window)
+        vis = vis & (q_pos - k_pos < window)
+        if prefix_len is not None:  # a causal key is never after its query
+            vis = vis & (k_pos - q_pos < window)
     return vis
 
 
@@ -146,8 +148,8 @@ def run_stack(blocks, x, call, *, remat: bool):
 
 
 def dense_flops_per_token(model: nnx.Module) -> float:
-    """6 x (parameters in matrices): forward + backward matmul FLOPs per token, embeddings excluded when tied
-    (the tied head is a matrix use, counted once)."""
+    """6 x (parameters in matrices): forward + backward matmul FLOPs per token. The embedding table is counted
+    once, as the tied head's matrix; a model with an untied head subtracts its table (a lookup)."""
     return 6.0 * sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2)
 
 

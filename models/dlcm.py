@@ -15,18 +15,22 @@ Global Parser loss (returned as `loss_parser` = aux_weight * L_aux; the trainer 
 L_aux = R/(R-1) [(R-1) F G + (1-F)(1-G)] - 1, F = mean(b) (no gradient), G = mean(p), both over the whole
 (global) batch. The boundary decisions are discrete, so W_q/W_k are trained by L_aux through G only.
 
-Decode cache (slot = position for token caches, slot = concept index for concept caches):
-- `enc`, `dec`: token K/V per layer, rolled back by `lengths`;
-- `bb`: backbone concept K/V per layer (slot k = concept k); `cross`: cross-attention K/V (slot 0 = the null
-  concept, rewritten by every extend; slot k+1 = concept k); both are rolled back by `J`, the number of
-  closed concepts: slots beyond J are invisible (masks come from positions) and are overwritten before use;
+Decode cache `Cache(lengths, layers)` with layers = (encoder KVCache per layer, ConceptCache, decoder KVCache
+per layer); slot = position for token caches, slot = concept index for concept caches:
+- the token stacks' `KVCache`s are rolled back by `lengths` (models/attention.py, GlobalAttention);
+- `ConceptCache.backbone`: the backbone's concept K/V per layer (slot k = concept k); `.cross`: the
+  cross-attention K/V (slot 0 = the null concept, rewritten by every extend; slot k+1 = concept k); both are
+  rolled back by `J`, the number of closed concepts: slots beyond J are invisible (masks come from
+  positions) and are overwritten before use;
 - per row: `J`, the open concept's running fp32 sum `seg_sum` and count `seg_cnt`, `prev_h` (= h_{t-1}).
 `extend` is parallel over its K tokens: the token stacks run as in the decoder, the boundaries need only
 h_{t-1} and h_t, the concepts closed inside the block (at most K) are packed into K backbone slots written
 at J..J+K-1 (the unused ones are garbage beyond the new J, hence inert), and each token's cross-attention
-query position is its own J_t. The per-position state after each of the K tokens is returned as pending
-entries; `commit(n)` selects the state after exactly n tokens and returns the structure of `init_cache`.
-Concept caches hold max_len + 1 slots: one concept per token is the worst case.
+query position is its own J_t. The per-position state after each of the K tokens is pending
+(`ConceptPending`); `commit(n)` selects the state after exactly n tokens and returns the structure of
+`init_cache`. Concept caches hold max_len + 1 slots: one concept per token is the worst case.
+Prefix LM (the full forward and a prefill's `extend(..., prefix_len_B)` alike): the token stacks read the
+prefix bidirectionally; the concept path (boundaries, backbone, cross-attention) stays causal.
 Boundaries are a threshold on p: paths that round differently (the cached extend vs the full forward, K = 1 vs
 K > 1, and above all bf16 compute) can decide differently for a p within rounding of 1/2, after which the
 concepts differ. Exactness is tested in fp32; for bit-exact speculative = plain greedy, decode in fp32.
@@ -36,14 +40,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.decoder import DecoderBlock, DecoderConfig
-from models.layers import (RMSNorm, SwiGLU, TokenIO, blocked_cache_attention, causal_mask, dense, dtype_of,
-                           masked_attention, mlp_hidden_default, scatter_rows_heads_first)
+from models.attention import blocked_cache_attention, masked_attention
+from models.base import LM, StepCtx
+from models.contract import Cache, ConceptCache, KVCache, full_positions, round_up, run_stack
+from models.decoder import DecoderConfig, attention_block
+from models.layers import RMSNorm, SwiGLU, dense, dtype_of, mlp_hidden_default, scatter_rows_heads_first
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class DLCMConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attn_block: int = 256  # cache read granularity when decoding
+    attn_block: int = 256  # caches are allocated in multiples of this; a prefill attends in blocks of it
     remat: bool = False
 
     @property
@@ -200,9 +207,19 @@ class ConceptCrossAttention(nnx.Module):
         return self.o(o_BxLxHxD.reshape(b, l, self.n_heads * self.head_dim))
 
 
+class ConceptPending(NamedTuple):
+    """The concept state after each of the K extended tokens (what `commit(n)` picks from)."""
+
+    J: jax.Array  # [B, K]
+    seg_sum: jax.Array  # [B, K, d] fp32
+    seg_cnt: jax.Array  # [B, K]
+    prev_h: jax.Array  # [B, K, d]
+
+
 # ---- the model ----------------------------------------------------------------------------------------------
-class DLCMLM(TokenIO, nnx.Module):
+class DLCMLM(LM):
     config_class = DLCMConfig
+    supports_prefix = True  # the token stacks read a prefix; the concept path stays causal
 
     def __init__(self, cfg: DLCMConfig, *, rngs: nnx.Rngs):
         cfg.validate()
@@ -213,7 +230,7 @@ class DLCMLM(TokenIO, nnx.Module):
         d, c = cfg.d_model, cfg.d_concept
         self._init_embed(cfg, d, rngs, pdt)
         enc_cfg, dec_cfg = cfg.token_stack(cfg.enc_layers), cfg.token_stack(cfg.dec_layers)
-        self.enc_blocks = nnx.List([DecoderBlock(enc_cfg, rngs=rngs) for _ in range(cfg.enc_layers)])
+        self.enc_blocks = nnx.List([attention_block(enc_cfg, rngs=rngs) for _ in range(cfg.enc_layers)])
         self.enc_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
         if cfg.scan_dim == d:
             init = nnx.with_partitioning(_identity_init, ("embed", None))
@@ -223,7 +240,7 @@ class DLCMLM(TokenIO, nnx.Module):
             self.w_q = dense(d, cfg.scan_dim, ("embed", None), **kw)
             self.w_k = dense(d, cfg.scan_dim, ("embed", None), **kw)
         self.w_up = dense(d, c, ("embed", None), **kw)
-        self.bb_blocks = nnx.List([DecoderBlock(cfg.backbone_stack(), rngs=rngs) for _ in range(cfg.bb_layers)])
+        self.bb_blocks = nnx.List([attention_block(cfg.backbone_stack(), rngs=rngs) for _ in range(cfg.bb_layers)])
         self.bb_norm = RMSNorm(c, eps=cfg.norm_eps, param_dtype=pdt)
         self.null_concept = nnx.Param(jax.random.normal(rngs.params(), (c,), pdt), out_sharding=("embed",))
         out_scale = 1.0 / math.sqrt(2 * (cfg.dec_layers + 1))
@@ -232,17 +249,12 @@ class DLCMLM(TokenIO, nnx.Module):
         if cfg.cross_mlp:
             self.cross_mlp_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
             self.cross_ffn = SwiGLU(d, cfg.mlp_hidden or mlp_hidden_default(d), out_scale=out_scale, **kw)
-        self.dec_blocks = nnx.List([DecoderBlock(dec_cfg, rngs=rngs) for _ in range(cfg.dec_layers)])
+        self.dec_blocks = nnx.List([attention_block(dec_cfg, rngs=rngs) for _ in range(cfg.dec_layers)])
         self._init_head(cfg, d, rngs, pdt)
 
     # ---- shared pieces ---------------------------------------------------------------------------------
-    def _stack(self, blocks, x, pos, mask):
-        for blk in blocks:
-            if self.cfg.remat:
-                x = nnx.remat(lambda m, y: m(y, pos, mask))(blk, x)
-            else:
-                x = blk(x, pos, mask)
-        return x
+    def _stack(self, blocks, x, pos, prefix_len_B=None):
+        return run_stack(blocks, x, lambda blk, y: blk(y, pos, prefix_len_B), remat=self.cfg.remat)
 
     def _concepts_in(self, sum_f32, cnt):
         """Concept vectors c = W_up mean(h) from an fp32 sum and a count (an empty segment gives 0)."""
@@ -263,10 +275,8 @@ class DLCMLM(TokenIO, nnx.Module):
     # ---- training / evaluation forward -------------------------------------------------------------------
     def _encode(self, tokens_BxL, prefix_len_B=None, rng=None):
         """Encoder states h, boundary probabilities p (fp32, p = 1 at position 0) and boundaries b."""
-        b, l = tokens_BxL.shape
-        pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-        mask = causal_mask(pos, prefix_len_B)
-        h = self.enc_norm(self._stack(self.enc_blocks, self._embed(tokens_BxL), pos, mask))
+        pos = full_positions(*tokens_BxL.shape)
+        h = self.enc_norm(self._stack(self.enc_blocks, self._embed(tokens_BxL), pos, prefix_len_B))
         q, k = self.w_q(h), self.w_k(h)
         q_prev = jnp.concatenate([jnp.zeros_like(q[:, :1]), q[:, :-1]], axis=1)
         first = pos == 0
@@ -275,11 +285,11 @@ class DLCMLM(TokenIO, nnx.Module):
             bnd = p >= 0.5
         else:
             bnd = jax.random.bernoulli(rng, jax.lax.stop_gradient(sharpen(p, self.cfg.sharpen)))
-        return h, p, jax.lax.stop_gradient(bnd | first), pos, mask
+        return h, p, jax.lax.stop_gradient(bnd | first), pos
 
     def boundaries(self, tokens_BxL, prefix_len_B=None, *, rng=None):
         """(p, b): boundary probabilities and decisions (b_t = 1: token t starts a concept), for analysis."""
-        _, p, bnd, _, _ = self._encode(tokens_BxL, prefix_len_B, rng)
+        _, p, bnd, _ = self._encode(tokens_BxL, prefix_len_B, rng)
         return p, bnd
 
     def __call__(self, tokens_BxL, prefix_len_B=None, *, rng=None):
@@ -290,7 +300,7 @@ class DLCMLM(TokenIO, nnx.Module):
         """
         cfg = self.cfg
         b, l = tokens_BxL.shape
-        h, p, bnd, pos, mask = self._encode(tokens_BxL, prefix_len_B, rng)
+        h, p, bnd, pos = self._encode(tokens_BxL, prefix_len_B, rng)
         seg = jnp.cumsum(bnd.astype(jnp.int32), axis=1) - 1  # t's own concept; 0 .. seg-1 are closed
 
         # concepts: segment means (fp32 sums), dropping concepts beyond the slot budget
@@ -299,8 +309,7 @@ class DLCMLM(TokenIO, nnx.Module):
         pool = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, m, indices_are_sorted=True))
         sums = pool(h.astype(jnp.float32), seg_m)
         cnts = pool(jnp.ones((b, l), jnp.int32), seg_m)
-        cpos = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
-        z = self.bb_norm(self._stack(self.bb_blocks, self._concepts_in(sums, cnts), cpos, causal_mask(cpos)))
+        z = self.bb_norm(self._stack(self.bb_blocks, self._concepts_in(sums, cnts), full_positions(b, m)))
 
         # strict cross-attention: key kk (0 = null, k + 1 = concept k) visible iff kk <= seg_t
         kz, vz = self.cross.kv(z)
@@ -308,7 +317,7 @@ class DLCMLM(TokenIO, nnx.Module):
         keys, vals = jnp.concatenate([k0, kz], axis=1), jnp.concatenate([v0, vz], axis=1)
         vis = jnp.arange(m + 1, dtype=jnp.int32)[None, None, :] <= seg[:, :, None]
         o = masked_attention(self.cross.query(h), keys, vals, vis)
-        y = self._stack(self.dec_blocks, self._fuse(h, o), pos, mask)
+        y = self._stack(self.dec_blocks, self._fuse(h, o), pos, prefix_len_B)
 
         f = jnp.mean(bnd.astype(jnp.float32))  # no gradient (discrete)
         g = jnp.mean(p)
@@ -343,55 +352,50 @@ class DLCMLM(TokenIO, nnx.Module):
     def cache_capacity(self, max_len: int) -> int:
         """Token slots allocated for a requested max_len (rounded up to the attention block); the concept
         caches hold one more (the null concept) so that one concept per token always fits."""
-        blk = self.cfg.attn_block
-        return -(-max_len // blk) * blk
+        return round_up(max_len, self.cfg.attn_block)
 
     def _concept_capacity(self, max_len: int) -> int:
-        blk = self.cfg.attn_block
-        return -(-(max_len + 1) // blk) * blk
+        return round_up(max_len + 1, self.cfg.attn_block)
 
-    def init_cache(self, batch: int, max_len: int) -> dict:
+    def init_cache(self, batch: int, max_len: int) -> Cache:
         cfg = self.cfg
         s, sc = self.cache_capacity(max_len), self._concept_capacity(max_len)
-        # [B, G, S, D] (heads first), the layout DecoderBlock.extend reads and writes
-        tok_shape = (batch, cfg.token_stack(1).kv_heads, s, cfg.hd)
-        bb = cfg.backbone_stack()
-        bb_shape = (batch, bb.kv_heads, sc, bb.hd)
-        x_shape = (batch, cfg.cross_heads, sc, cfg.cross_hd)
-
+        x_shape = (batch, cfg.cross_heads, sc, cfg.cross_hd)  # heads first, as GlobalAttention's KVCache
         # Each leaf is its own buffer: one shared zeros array cannot be donated twice.
-        def kv(shape, n):
-            return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in range(n)]
+        concept = ConceptCache(
+            J=jnp.zeros((batch,), jnp.int32), seg_sum=jnp.zeros((batch, cfg.d_model), jnp.float32),
+            seg_cnt=jnp.zeros((batch,), jnp.int32), prev_h=jnp.zeros((batch, cfg.d_model), self.dtype),
+            backbone=tuple(blk.init_cache(batch, sc) for blk in self.bb_blocks),
+            cross=KVCache(jnp.zeros(x_shape, self.dtype), jnp.zeros(x_shape, self.dtype)))
+        enc = tuple(blk.init_cache(batch, s) for blk in self.enc_blocks)
+        dec = tuple(blk.init_cache(batch, s) for blk in self.dec_blocks)
+        return Cache(jnp.zeros((batch,), jnp.int32), (*enc, concept, *dec))
 
-        return {"lengths": jnp.zeros((batch,), jnp.int32), "J": jnp.zeros((batch,), jnp.int32),
-                "seg_sum": jnp.zeros((batch, cfg.d_model), jnp.float32),
-                "seg_cnt": jnp.zeros((batch,), jnp.int32),
-                "prev_h": jnp.zeros((batch, cfg.d_model), self.dtype),
-                "enc": kv(tok_shape, cfg.enc_layers), "bb": kv(bb_shape, cfg.bb_layers),
-                "cross": kv(x_shape, 1)[0], "dec": kv(tok_shape, cfg.dec_layers)}
+    def _split(self, layers):
+        ne = self.cfg.enc_layers
+        return layers[:ne], layers[ne], layers[ne + 1:]
 
-    def extend(self, tokens_BxK, cache):
+    def extend(self, tokens_BxK, cache: Cache, prefix_len_B=None):
         cfg = self.cfg
         b, k = tokens_BxK.shape
-        blk = cfg.attn_block
-        lengths, j0 = cache["lengths"], cache["J"]
+        enc_c, cc, dec_c = self._split(cache.layers)
+        j0 = cc.J
         rows = jnp.arange(b)[:, None]
         ar = jnp.arange(k, dtype=jnp.int32)[None, :]
-        pos = lengths[:, None] + ar
-        con_cap = cache["cross"]["k"].shape[2]
-        n_tok = jnp.max(lengths) + k  # token slots that can hold a visible key
+        tok = StepCtx.at(cache.lengths, k, prefix_len_B)  # the token stacks (prefix LM at prefill)
+        pos = tok.pos
         n_con = jnp.max(j0) + k + 1  # concept slots, the null concept included
 
         # encoder
         x = self._embed(tokens_BxK)
         enc = []
-        for blk_m, c in zip(self.enc_blocks, cache["enc"]):
-            x, c = blk_m.extend(x, pos, c, n_tok)
+        for blk_m, c in zip(self.enc_blocks, enc_c):
+            x, c, _ = blk_m.extend(x, c, tok)
             enc.append(c)
         h = self.enc_norm(x)
 
         # boundaries: token i closes the open concept iff it starts a new one at a position > 0
-        h_prev = jnp.concatenate([cache["prev_h"][:, None].astype(h.dtype), h[:, :-1]], axis=1)
+        h_prev = jnp.concatenate([cc.prev_h[:, None].astype(h.dtype), h[:, :-1]], axis=1)
         bnd = boundary_prob(self.w_q(h_prev), self.w_k(h)) >= 0.5
         close = bnd & (pos > 0)
         c_idx = jnp.cumsum(close.astype(jnp.int32), axis=1)  # closes so far in the block
@@ -400,47 +404,46 @@ class DLCMLM(TokenIO, nnx.Module):
         # running state of the open concept after each token, and the concepts closed in the block
         run_sum, run_cnt = _segmented_cumsum(close, h.astype(jnp.float32), jnp.ones((b, k), jnp.int32))
         in_open = (c_idx == 0)
-        run_sum = run_sum + jnp.where(in_open[..., None], cache["seg_sum"][:, None], 0.0)
-        run_cnt = run_cnt + jnp.where(in_open, cache["seg_cnt"][:, None], 0)
-        prev_sum = jnp.concatenate([cache["seg_sum"][:, None], run_sum[:, :-1]], axis=1)
-        prev_cnt = jnp.concatenate([cache["seg_cnt"][:, None], run_cnt[:, :-1]], axis=1)
+        run_sum = run_sum + jnp.where(in_open[..., None], cc.seg_sum[:, None], 0.0)
+        run_cnt = run_cnt + jnp.where(in_open, cc.seg_cnt[:, None], 0)
+        prev_sum = jnp.concatenate([cc.seg_sum[:, None], run_sum[:, :-1]], axis=1)
+        prev_cnt = jnp.concatenate([cc.seg_cnt[:, None], run_cnt[:, :-1]], axis=1)
         dest = jnp.where(close, c_idx - 1, k)  # packed slot r of the concept closed at token i
         packed_sum = jnp.zeros_like(prev_sum).at[rows, dest].set(prev_sum, mode="drop")
         packed_cnt = jnp.zeros_like(prev_cnt).at[rows, dest].set(prev_cnt, mode="drop")
 
-        # backbone over the K packed slots at concept positions J0 .. J0+K-1 (slots >= new J are garbage)
-        cpos = j0[:, None] + ar
+        # backbone over the K packed slots at concept positions J0 .. J0+K-1 (slots >= new J are garbage);
+        # causal whatever the prefix
+        con = StepCtx(j0, j0[:, None] + ar, n_con)
         zc = self._concepts_in(packed_sum, packed_cnt)
         bb = []
-        for blk_m, c in zip(self.bb_blocks, cache["bb"]):
-            zc, c = blk_m.extend(zc, cpos, c, n_con)
+        for blk_m, c in zip(self.bb_blocks, cc.backbone):
+            zc, c, _ = blk_m.extend(zc, c, con)
             bb.append(c)
         kz, vz = self.cross.kv(self.bb_norm(zc))
         k0, v0 = self._null_kv(b)
-        slots = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cpos + 1], axis=1)
-        ck = scatter_rows_heads_first(cache["cross"]["k"], jnp.concatenate([k0, kz], axis=1), slots)
-        cv = scatter_rows_heads_first(cache["cross"]["v"], jnp.concatenate([v0, vz], axis=1), slots)
+        slots = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), con.pos + 1], axis=1)
+        ck = scatter_rows_heads_first(cc.cross.k, jnp.concatenate([k0, kz], axis=1), slots)
+        cv = scatter_rows_heads_first(cc.cross.v, jnp.concatenate([v0, vz], axis=1), slots)
 
         # strict cross-attention: token i sees slots 0 .. J_i (null + closed concepts)
-        key_pos = jnp.broadcast_to(jnp.arange(con_cap, dtype=jnp.int32), (b, con_cap))
-        o = blocked_cache_attention(self.cross.query(h), ck, cv, key_pos, j_after, block=blk,
-                                    n_valid=n_con, heads_first=True)
+        o = blocked_cache_attention(self.cross.query(h), ck, cv, j_after, block=cfg.attn_block, n_valid=n_con)
         x = self._fuse(h, o)
         dec = []
-        for blk_m, c in zip(self.dec_blocks, cache["dec"]):
-            x, c = blk_m.extend(x, pos, c, n_tok)
+        for blk_m, c in zip(self.dec_blocks, dec_c):
+            x, c, _ = blk_m.extend(x, c, tok)
             dec.append(c)
 
-        pending = {"J": j_after, "seg_sum": run_sum, "seg_cnt": run_cnt, "prev_h": h}
-        new = {**cache, "enc": enc, "bb": bb, "cross": {"k": ck, "v": cv}, "dec": dec, "pending": pending}
-        return self._logits(x), new
+        concept = cc._replace(backbone=tuple(bb), cross=KVCache(ck, cv))
+        pending = ConceptPending(J=j_after, seg_sum=run_sum, seg_cnt=run_cnt, prev_h=h)
+        return self._logits(x), Cache(cache.lengths, (*enc, concept, *dec), pending)
 
-    def commit(self, cache, n_B):
-        if "pending" not in cache:
+    def commit(self, cache: Cache, n_B) -> Cache:
+        if cache.pending is None:
             raise ValueError("commit needs the cache returned by extend (it holds the pending state)")
-        pend = cache["pending"]
-        n = n_B.astype(jnp.int32)
-        k = pend["J"].shape[1]
+        pend = cache.pending
+        n = jnp.asarray(n_B, jnp.int32)
+        k = pend.J.shape[1]
         idx = jnp.clip(n - 1, 0, k - 1)
         rows = jnp.arange(n.shape[0])
         has = n > 0
@@ -450,12 +453,7 @@ class DLCMLM(TokenIO, nnx.Module):
             keep = has.reshape((-1,) + (1,) * (sel.ndim - 1))
             return jnp.where(keep, sel, old_B).astype(old_B.dtype)
 
-        out = {key: v for key, v in cache.items() if key != "pending"}
-        out["lengths"] = cache["lengths"] + n
-        for key in ("J", "seg_sum", "seg_cnt", "prev_h"):
-            out[key] = pick(pend[key], cache[key])
-        return out
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        enc, cc, dec = self._split(cache.layers)
+        concept = cc._replace(J=pick(pend.J, cc.J), seg_sum=pick(pend.seg_sum, cc.seg_sum),
+                              seg_cnt=pick(pend.seg_cnt, cc.seg_cnt), prev_h=pick(pend.prev_h, cc.prev_h))
+        return Cache(cache.lengths + n, (*enc, concept, *dec))

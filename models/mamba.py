@@ -12,11 +12,13 @@ R = dt_rank, T = scan chunk length.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.contract import MambaCache
 from models.layers import dense
 
 
@@ -124,8 +126,24 @@ def inverse_softplus(y):
     return y + jnp.log(-jnp.expm1(-y))
 
 
+class MambaPending(NamedTuple):
+    """What `commit` replays: the K tokens' conv outputs x~, dt and B (fp32) and the raw conv inputs."""
+
+    x: jax.Array  # [B, K, E]
+    dt: jax.Array  # [B, K, E]
+    B: jax.Array  # [B, K, N]
+    xraw: jax.Array  # [B, K, E]
+
+
 class Mamba(nnx.Module):
-    """Mamba-1 mixer. `__call__` for a full sequence; `extend`/`commit` for the decode cache."""
+    """Mamba-1 mixer (the mixer protocol of models/base.py). `__call__` for a full sequence; `extend`/`commit`
+    for its `MambaCache` (the last d_conv - 1 raw conv inputs and the fp32 SSM state).
+
+    Causal by nature: a prefix (prefix LM) is never read bidirectionally here (`reads_prefix` is False), in
+    the full forward as in `extend`; a prefix only changes where the loss falls.
+    """
+
+    reads_prefix = False
 
     def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0,
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_chunk: int = 64,
@@ -160,7 +178,7 @@ class Mamba(nnx.Module):
         return -jnp.exp(self.A_log[...].astype(acc_dtype(self.A_log[...].dtype)))
 
     def _mix(self, u_BxKxD, window_BxWxE, h0_BxExN):
-        """Returns the output and the per-token scan inputs needed to replay the state."""
+        """Returns the output, the final state and the per-token scan inputs needed to replay the state."""
         e, n, r = self.d_inner, self.d_state, self.dt_rank
         xz = self.in_proj(u_BxKxD)
         xraw_BxKxE, z_BxKxE = xz[..., :e], xz[..., e:]
@@ -175,37 +193,68 @@ class Mamba(nnx.Module):
         y_BxKxE = y_BxKxE + self.D[...].astype(acc) * xc_BxKxE
         y_BxKxE = y_BxKxE * jax.nn.silu(z_BxKxE.astype(acc))
         out = self.out_proj(y_BxKxE.astype(self.dtype))
-        pending = {"x": xc_BxKxE, "dt": dt_BxKxE, "B": B_BxKxN, "xraw": xraw_BxKxE}
-        return out, h, pending
+        return out, h, MambaPending(xc_BxKxE, dt_BxKxE, B_BxKxN, xraw_BxKxE)
 
-    def __call__(self, u_BxLxD):
-        b = u_BxLxD.shape[0]
-        window = jnp.zeros((b, self.d_conv - 1, self.d_inner), self.dtype)
-        h0 = jnp.zeros((b, self.d_inner, self.d_state), acc_dtype(self.dtype))
-        return self._mix(u_BxLxD, window, h0)[0]
+    def __call__(self, u_BxLxD, pos_BxL=None, prefix_len_B=None):
+        del pos_BxL, prefix_len_B  # causal, position-free
+        cache = self.init_cache(u_BxLxD.shape[0])
+        return self._mix(u_BxLxD, cache.conv, cache.ssm)[0]
+
+    def attention_flops(self, context: int) -> float:
+        del context
+        return 0.0
 
     # ---- decode cache: conv window + SSM state; extend keeps the inputs, commit replays n of them --------
-    def init_cache(self, batch: int) -> dict:
-        return {"conv": jnp.zeros((batch, self.d_conv - 1, self.d_inner), self.dtype),
-                "ssm": jnp.zeros((batch, self.d_inner, self.d_state), acc_dtype(self.dtype))}
+    def cache_capacity(self, max_len: int) -> int:
+        return max_len  # constant size: any length fits
 
-    def extend(self, u_BxKxD, cache):
-        """Output for K new tokens; the committed cache is left as it was, the replay inputs are returned."""
-        out, _, pending = self._mix(u_BxKxD, cache["conv"], cache["ssm"])
-        return out, pending
+    def init_cache(self, batch: int, max_len: int = 0) -> MambaCache:
+        del max_len
+        return MambaCache(jnp.zeros((batch, self.d_conv - 1, self.d_inner), self.dtype),
+                          jnp.zeros((batch, self.d_inner, self.d_state), acc_dtype(self.dtype)))
 
-    def commit(self, cache, pending, n_B):
+    def extend(self, u_BxKxD, cache: MambaCache, ctx=None):
+        """Output for K new tokens (causal whatever ctx.prefix_len says); the cache is left as it was and the
+        replay inputs are pending."""
+        del ctx
+        out, _, pending = self._mix(u_BxKxD, cache.conv, cache.ssm)
+        return out, cache, pending
+
+    def commit(self, cache: MambaCache, pending: MambaPending, n_B, lengths_B=None) -> MambaCache:
         """State after exactly the first n_B pending tokens of each row (masked re-scan: dt = 0 is a no-op)."""
-        k = pending["dt"].shape[1]
+        del lengths_B
+        k = pending.dt.shape[1]
         keep_BxK = jnp.arange(k)[None, :] < n_B[:, None]
-        dt = jnp.where(keep_BxK[..., None], pending["dt"], 0.0)
-        _, h = selective_scan(pending["x"], dt, self._A(), pending["B"], None, cache["ssm"],
+        dt = jnp.where(keep_BxK[..., None], pending.dt, 0.0)
+        _, h = selective_scan(pending.x, dt, self._A(), pending.B, None, cache.ssm,
                               chunk=self.scan_chunk, inner=self.scan_inner, want_y=False)
         # The conv window is re-sliced at n too (forgetting it is a known cause of drift after rollback).
-        full = jnp.concatenate([cache["conv"], pending["xraw"].astype(cache["conv"].dtype)], axis=1)
+        full = jnp.concatenate([cache.conv, pending.xraw.astype(cache.conv.dtype)], axis=1)
         w = self.d_conv - 1
         conv = jax.vmap(lambda f, s: jax.lax.dynamic_slice_in_dim(f, s, w, axis=0))(full, n_B)
-        return {"conv": conv, "ssm": h.astype(cache["ssm"].dtype)}
+        return MambaCache(conv, h.astype(cache.ssm.dtype))
+
+
+class MambaDims:
+    """Config mixin for the Mamba fields (d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max,
+    scan_chunk, scan_inner): their checks and the mixer they describe."""
+
+    def check_mamba_dims(self):
+        for name in ("d_model", "d_state", "d_conv", "expand", "scan_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.dt_rank < 0:
+            raise ValueError(f"dt_rank must be >= 0 (0: ceil(d_model / 16)); got {self.dt_rank}")
+        if not 0.0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max; got {self.dt_min}, {self.dt_max}")
+        if self.scan_inner not in ("auto", "assoc", "seq"):
+            raise ValueError(f"scan_inner must be 'auto', 'assoc' or 'seq'; got {self.scan_inner!r}")
+
+    def mamba_mixer(self, *, rngs: nnx.Rngs, dtype, param_dtype, out_scale: float) -> Mamba:
+        return Mamba(self.d_model, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                     dt_rank=self.dt_rank, dt_min=self.dt_min, dt_max=self.dt_max, scan_chunk=self.scan_chunk,
+                     scan_inner=self.scan_inner, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                     out_scale=out_scale)
 
 
 def _init(fn, axes, rngs, shape, dtype):
