@@ -32,7 +32,7 @@ def test_param_shardings_follow_logical_rules():
     m = DecoderLM(DecoderConfig(d_model=64, n_layers=1, n_heads=4, attn_block=16), rngs=nnx.Rngs(0))
     sh = param_shardings(m, mesh)
     # fused q/k/v [d, G, R + 2, hd]: tensor parallelism splits the KV groups
-    assert sh["blocks"][0]["attn"]["qkv_proj"]["kernel"].spec == P("fsdp", "tensor", None, None)
+    assert sh["blocks"][0]["mixer"]["qkv_proj"]["kernel"].spec == P("fsdp", "tensor", None, None)
     assert sh["blocks"][0]["mlp"]["gate_up"]["kernel"].spec == P("fsdp", None, "tensor")
     assert sh["blocks"][0]["mlp"]["down"]["kernel"].spec == P("tensor", "fsdp")
     assert sh["embed"]["embedding"].spec == P(None, "fsdp")  # vocab 259 is replicated
