@@ -5,7 +5,9 @@
 Checkpoints written before core/checkpoint.py saved the parameters as their own item hold two items,
 "state" ({"params", "opt", "step"}) and "config". This reads every step of OLD_RUN_DIR and writes it to
 NEW_RUN_DIR as "params", "train_state" and "config" (nothing is lost: training resumes bit-identically from
-the converted run), and copies the run's other files. OLD_RUN_DIR is only read. NEW_RUN_DIR must not exist;
+the converted run), and copies the run's other files. Parameter names of that time are mapped to today's
+(LEGACY_NAMES: the attention layer and its norm became the block's generic "mixer"), in the parameters and in
+the optimizer's moments alike. OLD_RUN_DIR is only read. NEW_RUN_DIR must not exist;
 it is built under a temporary name and renamed when complete.
 """
 
@@ -22,6 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.errors import UserError, cli  # noqa: E402
+
+# today's parameter name -> the name in checkpoints written before the model contract (decoder-style blocks)
+LEGACY_NAMES = {"mixer": "attn", "mixer_norm": "attn_norm"}
+
+
+def rename_keys(tree, names: dict):
+    """The pytree with every dict key in `names` renamed, inside tuples and NamedTuples (optimizer states) too."""
+    if isinstance(tree, dict):
+        return {names.get(k, k): rename_keys(v, names) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(rename_keys(v, names) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(rename_keys(v, names) for v in tree)
+    return tree
 
 
 def convert(old: Path, new: Path) -> list[int]:
@@ -55,6 +71,20 @@ def convert(old: Path, new: Path) -> list[int]:
         opt = jax.eval_shape(make_optimizer(cfg.train, model.decay_mask(params)).init, params)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                               {"params": params, "opt": opt, "step": jax.ShapeDtypeStruct((), jnp.int32)})
+        legacy = {v: k for k, v in LEGACY_NAMES.items()}
+
+        def read(step):
+            """The old "state" item under today's names (saved with today's names, or with the legacy ones)."""
+            errors = []
+            for names in ({}, LEGACY_NAMES):
+                try:
+                    out = src.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(rename_keys(target, names))))
+                    return rename_keys(out["state"], legacy if names else {})
+                except Exception as e:  # orbax raises assorted types for a structure mismatch
+                    errors.append(str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            raise UserError(f"checkpoint {step} in {old} does not match the model of its config.toml: {errors[-1]}")
+
         new.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{new.name}.tmp-", dir=new.parent))
         try:
@@ -64,8 +94,7 @@ def convert(old: Path, new: Path) -> list[int]:
             dst = checkpoint.manager(tmp, keep=max(len(steps), cfg.train.keep_checkpoints))
             try:
                 for step in steps:
-                    state = src.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-                    checkpoint.save(dst, step, state["state"], cfg)
+                    checkpoint.save(dst, step, read(step), cfg)
                     dst.wait_until_finished()
             finally:
                 dst.close()

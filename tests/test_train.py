@@ -172,31 +172,49 @@ def test_eval_counts_bytes_with_the_tokenizers_table(tmp_path, monkeypatch, toke
     assert np.isfinite(float(nll)) and float(nll) > 0
 
 
-def _hand_checkpoint(cfg, run_dir, step=3, *, old_layout=False):
-    """A run directory with one checkpoint of a freshly initialised model, written directly with orbax;
-    `old_layout` writes the items of the layout before "params" was its own item ("state" + "config")."""
+def _old_names(tree):
+    """Parameter names as checkpoints had them before the model contract (attention blocks: attn, attn_norm)."""
+    names = {"mixer": "attn", "mixer_norm": "attn_norm"}
+    if isinstance(tree, dict):
+        return {names.get(k, k): _old_names(v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        items = [_old_names(v) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+    return tree
+
+
+def _hand_checkpoint(cfg, run_dir, step=3, *, old_layout=False, old_names=False):
+    """A run directory with one checkpoint, written directly with orbax, of a model after one optimizer step
+    (non-zero Adam moments). `old_layout` writes the items of the layout before "params" was its own item
+    ("state" + "config"), `old_names` the parameter names of that time. Returns the state (today's names)."""
     from core.config import save_config
 
     model = build_model(cfg.model, seed=1)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    state = {"params": params, "opt": make_optimizer(cfg.train, model.decay_mask(params)).init(params),
-             "step": jnp.int32(step)}
+    tx = make_optimizer(cfg.train, model.decay_mask(params))
+    opt = tx.init(params)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
+    for _ in range(2):
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+    state = {"params": params, "opt": opt, "step": jnp.int32(step)}
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.toml")
     mngr = checkpoint.manager(run_dir)
     if old_layout:
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        written = _old_names(state) if old_names else state
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(written),
                                                 config=ocp.args.JsonSave(to_dict(cfg))))
     else:
         checkpoint.save(mngr, step, state, cfg)
     mngr.wait_until_finished()
     mngr.close()
-    return params
+    return state
 
 
 def test_load_model_restores_params_without_building_an_optimizer(tmp_path, monkeypatch):
     cfg = _tiny_cfg(tmp_path)
-    saved = _hand_checkpoint(cfg, tmp_path / "run")
+    saved = _hand_checkpoint(cfg, tmp_path / "run")["params"]
 
     def no_optimizer(*a, **k):
         raise AssertionError("load_model built an optimizer")
@@ -244,24 +262,28 @@ def test_old_layout_checkpoint_is_refused_with_one_line(tmp_path):
     assert _tree_snapshot(run) == before
 
 
-def test_convert_checkpoint_rewrites_an_old_run_losslessly(tmp_path):
+@pytest.mark.parametrize("old_names", [True, False], ids=["pre-contract-names", "todays-names"])
+def test_convert_checkpoint_rewrites_an_old_run_losslessly(tmp_path, old_names):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "scripts" / "convert_checkpoint.py")
     convert = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert)
     cfg = _tiny_cfg(tmp_path)
-    saved = _hand_checkpoint(cfg, tmp_path / "old", old_layout=True)
+    saved = _hand_checkpoint(cfg, tmp_path / "old", old_layout=True, old_names=old_names)
     before = _tree_snapshot(tmp_path / "old")
     assert convert.main([str(tmp_path / "old"), str(tmp_path / "new")]) == 0
     assert _tree_snapshot(tmp_path / "old") == before  # the old run is only read
     _, model, step = load_model(tmp_path / "new")
     assert step == 3
-    for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))):
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert jax.tree.structure(got) == jax.tree.structure(saved["params"])
+    for x, y in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     mngr = checkpoint.manager(tmp_path / "new", create=False)
-    opt = make_optimizer(cfg.train, model.decay_mask(saved)).init(saved)
-    state = checkpoint.restore(mngr, 3, {"params": saved, "opt": opt, "step": jnp.int32(0)})
+    zeros = jax.tree.map(jnp.zeros_like, saved)
+    state = checkpoint.restore(mngr, 3, zeros)
     mngr.close()
-    assert int(state["step"]) == 3
-    assert jax.tree.structure(state["opt"]) == jax.tree.structure(opt)
+    assert jax.tree.structure(state) == jax.tree.structure(saved)
+    for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(state)):  # Adam's moments and counts included
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
