@@ -150,3 +150,17 @@ def test_python_m_train_unknown_tokenizer_subprocess(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["error: [data]: unknown tokenizer 'nope'; valid: byte"], r.stderr
     assert r.stdout == "" and not (tmp_path / "runs").exists()
+
+
+def test_non_finite_loss_is_exit_1_not_a_user_error(tmp_path, capsys):
+    """A diverged run is not the user's input mistake: one line, exit status 1, the last good checkpoint kept."""
+    from train.loop import main
+
+    cfg = from_dict(_raw(tmp_path, steps=30, lr=1e30, warmup_steps=1, grad_clip=1e30, checkpoint_every=1,
+                         log_every=1, eval_every=100), "nan")
+    (tmp_path / "nan.toml").write_text(dumps(cfg))
+    capsys.readouterr()
+    code = main([str(tmp_path / "nan.toml"), "--run-dir", str(tmp_path / "run")])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: non-finite loss"), err
+    assert (tmp_path / "run" / "checkpoints").is_dir()
