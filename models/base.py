@@ -123,6 +123,8 @@ class LM(nnx.Module):
 class StackLM(LM):
     """An LM that is one stack of `Block`s in `self.blocks`: the whole contract follows from its mixers.
 
+    Cache: `Cache(lengths, layers)` with one layer-kind cache per block; after `extend`, `pending` holds one
+    entry per block (None for the layers that write their cache in `extend`).
     Prefix LM: positions < prefix_len see each other bidirectionally in the layers that read a prefix
     (attention); recurrent layers (Mamba) stay causal. `supports_prefix` says whether any layer reads it.
     """

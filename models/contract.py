@@ -76,6 +76,7 @@ class Cache(NamedTuple):
 @runtime_checkable
 class DecodableLM(Protocol):
     cfg: Any
+    supports_prefix: bool  # whether any layer reads a bidirectional prefix (Mamba layers never do)
 
     @property
     def vocab_size(self) -> int: ...
@@ -100,10 +101,11 @@ NO_DECAY = frozenset({"scale", "bias", "A_log", "D", "null_concept"})  # norms, 
 
 
 def decay_mask(params, no_decay=NO_DECAY):
-    """Weight decay on matrices only, never on leaves named in `no_decay` (a pytree of bools like params)."""
+    """Weight decay on matrices only, never on leaves named in `no_decay` (a pytree of bools like params, a
+    pure dict or an nnx.State: the name is the last dict key of the path, not a Variable's `.value`)."""
     def keep(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return x.ndim >= 2 and name not in no_decay
+        keys = [k.key for k in path if hasattr(k, "key")]
+        return x.ndim >= 2 and (str(keys[-1]) if keys else "") not in no_decay
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -1,4 +1,5 @@
-"""DLCM (Dynamic Large Concept Models, arXiv 2512.24617), strict causal variant (DESIGN.md, "DLCM").
+"""DLCM (Dynamic Large Concept Models, arXiv 2512.24617), strict causal variant (docs/ARCHITECTURE.md,
+"Facts from the papers").
 
 Pipeline: a causal token encoder gives h; a boundary p_t = 1/2 (1 - cos(W_q h_{t-1}, W_k h_t)) (p = 1 at a
 row's position 0) marks token t as the start of a concept (sampled from Bernoulli(sharpen(p)) in training,

@@ -119,6 +119,7 @@ def test_protocol_and_bookkeeping(arch):
     for (path, x), decay in zip(flat, jax.tree.leaves(mask), strict=True):
         leaf = str(path[-1].key)
         assert decay == (x.ndim >= 2 and leaf not in NO_DECAY), (path, decay)
+    assert nnx.to_pure_dict(model.decay_mask(nnx.state(model, nnx.Param))) == mask  # an nnx.State alike
 
 
 def test_no_decay_names_only_real_parameters():
