@@ -9,6 +9,7 @@ temporary name and renames, so an error leaves nothing half-written.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 
@@ -28,3 +29,10 @@ def cli(main):
             print(f"error: {msg}", file=sys.stderr)
             return 2
     return wrapped
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors too: one line through `cli`, not a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")

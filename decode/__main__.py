@@ -23,7 +23,7 @@ import json
 import sys
 import time
 
-from core.errors import UserError, cli
+from core.errors import ArgumentParser, UserError, cli
 
 
 def _decoder(tok):
@@ -77,7 +77,7 @@ def run_file(engine, tok, items: list[dict], all_ids: list, kw: dict, batch_size
 
 @cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m decode", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m decode", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text to continue (streamed to stdout)")

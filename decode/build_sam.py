@@ -9,12 +9,11 @@ directory is written under a temporary name and renamed, so a failed build leave
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from core.errors import UserError, cli
+from core.errors import ArgumentParser, UserError, cli
 
 
 def resolve(target: str) -> tuple[Path, Path]:
@@ -66,7 +65,7 @@ def build(target: str, *, max_tokens: int | None = None, out: str | None = None,
 
 @cli
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m decode.build_sam", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m decode.build_sam", description=__doc__.split("\n")[0])
     parser.add_argument("target", metavar="RUN_DIR_OR_CONFIG")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="index at most N training tokens (default: decode.sam_max_tokens; 0 = all)")

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from core.errors import UserError, cli
+from core.errors import ArgumentParser, UserError, cli
 
 
 def static_automaton(sam_dir: Path, cfg, tok):
@@ -85,7 +85,7 @@ def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int
 
 @cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m decode.eval", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m decode.eval", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--drafter", default="none", help="none, pld, recycle, sam or sam+recycle; a comma-separated "

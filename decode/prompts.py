@@ -10,14 +10,13 @@ that really followed (up to --prompt-tokens/2 tokens) and source is the document
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from core.errors import UserError, cli
+from core.errors import ArgumentParser, UserError, cli
 
 
 def read_prompts(path) -> list[dict]:
@@ -115,7 +114,7 @@ def build_prompts(val_tokens: np.ndarray, tok, *, n: int, prompt_tokens: int, se
 
 @cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m decode.prompts", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m decode.prompts", description=__doc__.splitlines()[0])
     ap.add_argument("target", help="a run directory (with config.toml) or a config file")
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=16)

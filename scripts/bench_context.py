@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from core.config import load_config  # noqa: E402
-from core.errors import UserError, cli  # noqa: E402
+from core.errors import ArgumentParser, UserError, cli  # noqa: E402
 from models.contract import count_params  # noqa: E402
 from models.registry import build_model  # noqa: E402
 
@@ -308,7 +308,7 @@ def run_scan_memory(args) -> dict:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--contexts", type=ints, default=[1024, 4096, 16384, 32768])
     p.add_argument("--size", choices=("tiny", "small"), default=None,

@@ -14,7 +14,6 @@ init; the numbers do not depend on the weights. `--out` writes a list of rows.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -31,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from core.errors import UserError, cli  # noqa: E402
+from core.errors import ArgumentParser, UserError, cli  # noqa: E402
 from decode.engine import Engine  # noqa: E402
 from models.contract import count_params  # noqa: E402
 from models.registry import MODEL_CONFIGS, build_model  # noqa: E402
@@ -133,7 +132,7 @@ def bench_one(engine: Engine, model, max_len: int, batch: int, prompt_len: int, 
 
 @cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--arch", default="decoder", choices=sorted(MODEL_CONFIGS))
     ap.add_argument("--config", help="TOML run config; its [model] section replaces --arch and the default size")

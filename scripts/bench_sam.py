@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.errors import UserError, cli  # noqa: E402  (no JAX: core.errors imports only the standard library)
+from core.errors import ArgumentParser, UserError, cli  # noqa: E402  (no JAX: core.errors imports only the standard library)
 
 EOS = 257
 
@@ -185,7 +185,7 @@ def run_child(*args) -> dict:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", choices=("auto", "train", "stdlib"), default="auto")
     p.add_argument("--tokens", type=int, default=0, help="index the first N tokens (0: all)")
     p.add_argument("--dyn-tokens", type=int, default=4000, help="tokens per simulated request")

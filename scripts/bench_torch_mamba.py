@@ -20,7 +20,6 @@ Writes a list of rows with `arch`, `context`, `tokens_per_s`, `ms_per_token` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -32,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.errors import UserError, cli  # noqa: E402  (standard library only: works in the torch venv)
+from core.errors import ArgumentParser, UserError, cli  # noqa: E402  (standard library only: works in the torch venv)
 
 
 @cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=128)

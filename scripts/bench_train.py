@@ -10,7 +10,6 @@ FLOP/s (known devices, or --peak-tflops).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.errors import UserError, cli  # noqa: E402
+from core.errors import ArgumentParser, UserError, cli  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v5p": 459.0}
 
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
     from models.registry import build_model
     from train.loop import Trainer, make_optimizer
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--steps", type=int, default=20)

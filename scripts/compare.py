@@ -8,7 +8,6 @@ Each run directory is read for config.toml, metrics.jsonl and eval_<drafter>.jso
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.errors import UserError, cli  # noqa: E402
+from core.errors import ArgumentParser, UserError, cli  # noqa: E402
 
 
 def _json(path: Path, text: str):
@@ -118,7 +117,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     args = p.parse_args(argv)

@@ -13,7 +13,6 @@ it is built under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.errors import UserError, cli  # noqa: E402
+from core.errors import ArgumentParser, UserError, cli  # noqa: E402
 
 # today's parameter name -> the name in checkpoints written before the model contract (decoder-style blocks)
 LEGACY_NAMES = {"mixer": "attn", "mixer_norm": "attn_norm"}
@@ -109,7 +108,7 @@ def convert(old: Path, new: Path) -> list[int]:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("old", type=Path, help="run directory with old-layout checkpoints (only read)")
     p.add_argument("new", type=Path, help="new run directory (must not exist)")
     args = p.parse_args(argv)

@@ -12,7 +12,6 @@ directory; both build their output under a temporary name and rename it when com
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.errors import UserError, cli  # noqa: E402
+from core.errors import ArgumentParser, UserError, cli  # noqa: E402
 
 
 def _staging(final: Path) -> Path:
@@ -143,7 +142,7 @@ def import_(src: Path, run_dir: Path) -> None:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export")
     e.add_argument("run_dir", type=Path)

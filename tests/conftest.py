@@ -1,4 +1,4 @@
-"""Tests run on CPU with 8 forced host devices so that the sharded paths are exercised (DESIGN.md)."""
+"""Tests run on CPU with 8 forced host devices so that the sharded paths are exercised (docs/ARCHITECTURE.md, "Folder map")."""
 
 import os
 import sys

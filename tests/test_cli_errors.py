@@ -1,5 +1,7 @@
-"""Every CLI outside decode/ answers a user's mistake with exit status 2, exactly one stderr line starting with
-"error: ", no traceback, and nothing written (core.errors.cli). The mains run in-process; one test runs
+"""Every CLI answers a user's mistake with exit status 2, exactly one stderr line starting with
+"error: ", no traceback, and nothing written (core.errors.cli). The CLIs' own
+checks live here for those outside decode/ (decode's are in tests/test_engine.py); argparse's usage errors
+(core.errors.ArgumentParser) are checked here for all of them. The mains run in-process; one test runs
 `python -m train` as a subprocess end to end."""
 
 import importlib.util
@@ -37,6 +39,15 @@ def _train_main(argv):
 MAINS = {"train": lambda: _train_main, **{n: (lambda n=n: _script(n)) for n in (
     "compare", "bench_train", "bench_context", "bench_decode", "bench_sam", "bench_torch_mamba", "transfer_params",
     "convert_checkpoint")}}
+
+
+def _module_main(module):
+    def load():
+        return importlib.import_module(module).main
+    return load
+
+
+MAINS.update({m: _module_main(m) for m in ("decode.__main__", "decode.eval", "decode.prompts", "decode.build_sam")})
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +125,21 @@ CASES = [
     ("transfer_params", ["import", "{w}/nothing", "{w}/out"], "not an export"),
     ("convert_checkpoint", ["{w}/nothing", "{w}/out"], "not a run directory"),
     ("convert_checkpoint", ["{w}/old_run", "{w}/nonempty"], "already exists"),
+]
+# argparse's own mistakes (unknown flag, missing argument, bad type) are one line too, for every CLI
+CASES += [(name, ["--no-such-flag"], "--help)") for name in MAINS
+          if name not in ("train", "compare", "convert_checkpoint", "transfer_params") and not name.startswith("decode")]
+CASES += [
+    ("train", ["{w}/good.toml", "--run-dir", "{w}/out", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("train", [], "the following arguments are required: config"),
+    ("compare", [], "the following arguments are required: runs"),
+    ("transfer_params", ["export"], "the following arguments are required"),
+    ("convert_checkpoint", ["{w}/old_run"], "the following arguments are required"),
+    ("decode.__main__", ["{w}/old_run"], "one of the arguments --prompt --prompts is required"),
+    ("decode.__main__", ["{w}/old_run", "--prompt", "x", "--max-new-tokens", "many"], "invalid int value: 'many'"),
+    ("decode.eval", [], "the following arguments are required"),
+    ("decode.prompts", ["{w}/old_run", "--out", "{w}/p.jsonl", "--no-such-flag"], "unrecognized arguments"),
+    ("decode.build_sam", [], "the following arguments are required"),
 ]
 if importlib.util.find_spec("torch") is None:
     CASES.append(("bench_torch_mamba", ["--out", "{w}/out.json"], "needs torch and transformers"))

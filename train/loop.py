@@ -19,7 +19,7 @@ from flax import nnx
 from core import checkpoint
 from core.config import Config, load_config, save_config, to_dict
 from core.data import Corpus, eval_batches, get_batch, prefix_lengths
-from core.errors import UserError, cli
+from core.errors import ArgumentParser, UserError, cli
 from core.mesh import batch_sharding, batch_shards, make_mesh, param_shardings
 from core.tokenizer import get_tokenizer
 from models.contract import count_params
@@ -305,9 +305,7 @@ def init_distributed(coordinator, num_processes, process_id) -> None:
 
 @cli
 def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m train", description="Train a model from a TOML config.")
+    p = ArgumentParser(prog="python -m train", description="Train a model from a TOML config.")
     p.add_argument("config", help="configs/<name>.toml")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--run-dir", default=None, help="default: runs/<config name>")
