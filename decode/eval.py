@@ -141,13 +141,17 @@ def main(argv=None) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p)
     bs = min(args.batch_size, len(ids))
-    for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
-        engine.warmup(bs, longest, speculative=drafters != ["none"])
     makers = {}
     for name in drafters:
         makers[name] = lambda name=name: make_drafter(  # noqa: E731
             name, vocab_size=engine.vocab_size, static_sam=sam, max_len=max_draft,
             min_len=min(max_draft, DraftPolicy().min_len))
+    # Compile, before anything is timed, the speculative loop variants these drafters need: with the
+    # verifier's top-k ids only if one of them observes (Token Recycling), without them otherwise.
+    observe = sorted({makers[name]().observes for name in drafters if name != "none"})
+    for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
+        engine.warmup(bs, longest, speculative=bool(observe), observe=observe)
+    for name in drafters:
         if name != "none":
             warm_drafter(makers[name](), ids[0], max_draft)
     passes: dict = {name: [] for name in ["none"] + [d for d in drafters if d != "none"]}

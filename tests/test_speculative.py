@@ -309,6 +309,10 @@ def test_eval_reports_speedup_and_matches_plain(tmp_path, capsys):
     assert sum(p["n_tokens"] for p in rep["per_prompt"]) == rep["n_tokens"]
     assert all(p["matches_plain"] for p in rep["per_prompt"])
     assert "[eval pld] batch 2/2" in capsys.readouterr().err
+    # warm-up compiled exactly what the timed passes ran, and they compiled nothing more: one prefill per
+    # bucket (the batches' prompts of 66/65 and 64 tokens pad to 128 and 64), one plain loop, and one
+    # speculative loop (pld does not observe: no variant with the verifier's top-k ids)
+    assert rep["compiles"] == {"prefill": 2, "generate": 1, "speculate": 1}, rep["compiles"]
     assert main([str(run), "--prompts", str(prompts_file), "--drafter", "sam", "--out", str(out),
                  "--sam", str(tmp_path / "nosam"), "--max-new-tokens", "16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
