@@ -12,6 +12,7 @@ from flax import nnx
 
 from models.attention import GlobalAttention, SlidingWindowAttention
 from models.base import StepCtx
+from models.contract import key_visible
 
 D, H, G, HD = 32, 4, 2, 8  # two query heads per KV head
 B, L = 2, 40
@@ -82,6 +83,8 @@ def test_sliding_window_attention_matches_plain_reference():
     prefix = jnp.array(PREFIX, jnp.int32)
     causal = reference(mixer, x, pos, lambda b: lambda i, j: 0 <= i - j < w)  # W keys, the query's own included
     np.testing.assert_allclose(mixer(x, pos), causal, atol=1e-5)  # L > 2W: chunks of W
+    n = 37  # not a multiple of W: the last chunk is padded
+    np.testing.assert_allclose(mixer(x[:, :n], pos[:, :n]), causal[:, :n], atol=1e-5)
     # prefix LM: two prefix positions also see each other within the window, in both directions
     ref = reference(mixer, x, pos,
                     lambda b: lambda i, j: 0 <= i - j < w or (i < PREFIX[b] and j < PREFIX[b] and abs(i - j) < w))
@@ -90,3 +93,17 @@ def test_sliding_window_attention_matches_plain_reference():
     # ring: a chunked 20-token prefill reading the prefix, single steps, then a chunked 17-token extend over a
     # ring that has wrapped
     np.testing.assert_allclose(run_cached(mixer, x, (20, 1, 1, 17, 1), prefix), ref, atol=1e-5)
+
+
+def test_key_visible_window_and_prefix_cases():
+    """The one visibility rule, spelled out: with a window each query sees W keys, its own included; a prefix
+    position also sees later prefix positions within the window, and nothing past the prefix."""
+    w, n = 8, 37
+    pos = jnp.arange(n, dtype=jnp.int32)
+    vis = key_visible(pos[:, None], pos[None, :], window=w)
+    assert vis.sum(-1)[w - 1:].tolist() == [w] * (n - w + 1)
+    assert vis.sum(-1)[:w].tolist() == list(range(1, w + 1))
+    pre = key_visible(pos[None, :, None], pos[None, None, :], window=w,
+                      prefix_len=jnp.array(PREFIX, jnp.int32)[:, None, None])
+    assert bool(pre[0, 3, 10]) and not bool(pre[0, 3, 11]) and not bool(pre[1, 3, 10])
+    assert bool(pre[0, 12, 5]) and not bool(pre[0, 13, 14])  # targets stay causal

@@ -3,6 +3,7 @@ windowed prefix, gradients match finite differences, and the pure-Mamba LM's opt
 (prefill + decode = forward, rollback, padding, typed constant-size caches, speculation) is checked for every
 model in test_contract.py, the sliding-window mixer against a plain reference in test_attention.py."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,6 +14,7 @@ from flax import nnx
 
 from core.errors import UserError
 from models.mamba import Mamba, selective_scan, selective_scan_ref
+from models.contract import MambaCache, RingCache
 from models.mamba_lm import MambaLM, MambaLMConfig
 from models.samba import SambaConfig, SambaLM
 
@@ -35,6 +37,19 @@ def forward(model):
 
 def tokens(b, l, seed=0):
     return jax.random.randint(jax.random.key(seed), (b, l), 0, CFG.vocab_size)
+
+
+def test_cache_is_a_window_ring_and_an_fp32_ssm_state():
+    """Layer by layer: the SWA layers hold a W-slot ring (not a full-length buffer, the peers' pitfall) and the
+    Mamba layers an fp32 state, also when the compute dtype is bf16."""
+    for cfg in (CFG, dataclasses.replace(CFG, dtype="bfloat16")):
+        cache = jax.eval_shape(lambda: SambaLM(cfg, rngs=nnx.Rngs(0)).init_cache(B, 1 << 20))
+        for i, layer in enumerate(cache.layers):
+            if i % 2:  # SWA
+                assert isinstance(layer, RingCache)
+                assert layer.k.shape == layer.v.shape == (B, W, CFG.kv_heads, CFG.hd)
+            else:
+                assert isinstance(layer, MambaCache) and layer.ssm.dtype == jnp.float32
 
 
 def test_chunked_scan_matches_sequential_reference():
