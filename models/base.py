@@ -30,7 +30,7 @@ from flax import nnx
 
 from models.contract import (Cache, decay_mask, dense_flops_per_token, full_positions, run_stack,
                              step_positions)
-from models.layers import RMSNorm, dense
+from models.layers import RMSNorm, dense, dtype_of
 
 
 class StepCtx(NamedTuple):
@@ -84,17 +84,24 @@ def residual_scale(n_outputs: int) -> float:
 
 class LM(nnx.Module):
     """Shared by every LM: token embedding in, final RMSNorm and a tied (or separate) head out, and the
-    contract's bookkeeping (`vocab_size`, `decay_mask`). The subclass sets `cfg` and `dtype`, then calls
-    `_init_embed` before its layers and `_init_head` after them (RNG draws in the order of the computation).
+    contract's bookkeeping (`vocab_size`, `decay_mask`). The subclass calls `_init_embed` (which also sets `cfg`
+    and `dtype`) before its layers and `_init_head` after them (RNG draws in the order of the computation).
     """
 
     config_class: type
     supports_prefix: bool = True
 
-    def _init_embed(self, cfg, d: int, rngs: nnx.Rngs, param_dtype):
+    def _init_embed(self, cfg, rngs: nnx.Rngs, d: int | None = None):
+        """Set `cfg` and the compute `dtype`, create the token embedding (width d, default cfg.d_model), and
+        return (compute dtype, parameter dtype) for the layers that follow."""
+        self.cfg = cfg
+        self.dtype = dtype_of(cfg.dtype)
+        param_dtype = dtype_of(cfg.param_dtype)
+        d = d or cfg.d_model
         init = nnx.initializers.normal(stddev=1.0 / math.sqrt(d) if cfg.tie_embeddings else 1.0)
         self.embed = nnx.Embed(cfg.vocab_size, d, param_dtype=param_dtype, rngs=rngs,
                                embedding_init=nnx.with_partitioning(init, ("vocab", "embed")))
+        return self.dtype, param_dtype
 
     def _init_head(self, cfg, d: int, rngs: nnx.Rngs, param_dtype):
         self.final_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=param_dtype)

@@ -59,9 +59,6 @@ class DecoderLM(StackLM):
     config_class = DecoderConfig
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.dtype = dtype_of(cfg.dtype)
-        pdt = dtype_of(cfg.param_dtype)
-        self._init_embed(cfg, cfg.d_model, rngs, pdt)
+        _, pdt = self._init_embed(cfg, rngs)
         self.blocks = nnx.List([attention_block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self._init_head(cfg, cfg.d_model, rngs, pdt)

@@ -51,7 +51,7 @@ from models.attention import blocked_cache_attention, masked_attention
 from models.base import LM, StepCtx
 from models.contract import Cache, ConceptCache, KVCache, full_positions, round_up, run_stack
 from models.decoder import DecoderConfig, attention_block
-from models.layers import RMSNorm, SwiGLU, dense, dtype_of, mlp_hidden_default, scatter_rows_heads_first
+from models.layers import RMSNorm, SwiGLU, dense, mlp_hidden_default, scatter_rows_heads_first
 
 
 @dataclass(frozen=True)
@@ -224,12 +224,9 @@ class DLCMLM(LM):
 
     def __init__(self, cfg: DLCMConfig, *, rngs: nnx.Rngs):
         cfg.validate()
-        self.cfg = cfg
-        self.dtype = dt = dtype_of(cfg.dtype)
-        pdt = dtype_of(cfg.param_dtype)
+        dt, pdt = self._init_embed(cfg, rngs)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
         d, c = cfg.d_model, cfg.d_concept
-        self._init_embed(cfg, d, rngs, pdt)
         enc_cfg, dec_cfg = cfg.token_stack(cfg.enc_layers), cfg.token_stack(cfg.dec_layers)
         self.enc_blocks = nnx.List([attention_block(enc_cfg, rngs=rngs) for _ in range(cfg.enc_layers)])
         self.enc_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)

@@ -53,10 +53,7 @@ class MambaLM(StackLM):
     config_class = MambaLMConfig
 
     def __init__(self, cfg: MambaLMConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.dtype = dt = dtype_of(cfg.dtype)
-        pdt = dtype_of(cfg.param_dtype)
-        self._init_embed(cfg, cfg.d_model, rngs, pdt)
+        dt, pdt = self._init_embed(cfg, rngs)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt,
                   out_scale=residual_scale((2 if cfg.mlp else 1) * cfg.n_layers))
 

@@ -67,10 +67,7 @@ class SambaLM(StackLM):
     config_class = SambaConfig
 
     def __init__(self, cfg: SambaConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.dtype = dt = dtype_of(cfg.dtype)
-        pdt = dtype_of(cfg.param_dtype)
-        self._init_embed(cfg, cfg.d_model, rngs, pdt)
+        dt, pdt = self._init_embed(cfg, rngs)
         out_scale = residual_scale(2 * cfg.n_layers)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt, out_scale=out_scale)
 
