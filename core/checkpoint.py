@@ -28,9 +28,6 @@ from models.registry import build_model
 # orbax logs every save at INFO through absl; keep the training log readable.
 logging.getLogger("absl").setLevel(logging.WARNING)
 
-ITEMS = ("params", "train_state", "config")
-OLD_ITEMS = ("state", "config")  # the layout before "params" was its own item
-
 
 def manager(run_dir: Path, *, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.contract import KVCache, RingCache, key_visible, round_up
+from models.contract import KVCache, RingCache, attention_flops_per_token, key_visible, round_up
 from models.layers import NEG_INF, Projection, dense, rope, scatter_rows, scatter_rows_heads_first
 
 
@@ -230,7 +230,7 @@ class Attention(nnx.Module):
 
     def attention_flops(self, context: int) -> float:
         """QK^T and AV per token over `context` keys, forward and backward (12 T d_attn, causal in full)."""
-        return 12.0 * context * self.n_heads * self.head_dim
+        return attention_flops_per_token(1, context, self.n_heads, self.head_dim)
 
 
 class GlobalAttention(Attention):

@@ -49,7 +49,8 @@ from flax import nnx
 
 from models.attention import blocked_cache_attention, masked_attention
 from models.base import LM, StepCtx
-from models.contract import Cache, ConceptCache, KVCache, full_positions, round_up, run_stack
+from models.contract import (Cache, ConceptCache, KVCache, attention_flops_per_token, full_positions, round_up,
+                             run_stack)
 from models.decoder import DecoderConfig, attention_block
 from models.layers import RMSNorm, SwiGLU, dense, mlp_hidden_default, scatter_rows_heads_first
 
@@ -341,9 +342,9 @@ class DLCMLM(LM):
         per_token += cfg.vocab_size * cfg.d_model  # the head (tied or not)
         per_slot = n(self.bb_blocks, self.w_up, self.cross.k, self.cross.v)
         bb = cfg.backbone_stack()
-        attn = 12.0 * (cfg.enc_layers + cfg.dec_layers) * seq_len * cfg.n_heads * cfg.hd
-        attn += 12.0 * cfg.bb_layers * m * bb.n_heads * bb.hd * m / seq_len
-        attn += 12.0 * (m + 1) * cfg.cross_heads * cfg.cross_hd
+        attn = attention_flops_per_token(cfg.enc_layers + cfg.dec_layers, seq_len, cfg.n_heads, cfg.hd)
+        attn += attention_flops_per_token(cfg.bb_layers, m, bb.n_heads, bb.hd) * m / seq_len
+        attn += attention_flops_per_token(1, m + 1, cfg.cross_heads, cfg.cross_hd)
         return 6.0 * (per_token + per_slot * m / seq_len) + attn
 
     # ---- decoding contract --------------------------------------------------------------------------------
