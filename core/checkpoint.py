@@ -3,7 +3,8 @@
 A checkpoint step holds three items:
 - "params": the model's parameters (the pure dict of `nnx.state(model, nnx.Param)`), on their own, so a model
   can be loaded without knowing anything about the optimizer;
-- "train_state": {"opt": optimizer state, "step": int32}, only needed to resume training;
+- "train_state": {"opt": optimizer state, "step": int32}, only needed to resume training (a step without it,
+  as `scripts/hf.py import` writes at step 0, resumes with a fresh optimizer state);
 - "config": the resolved run config as JSON.
 
 Checkpoints written before the parameters became their own item (items "state" + "config") are refused with
@@ -68,6 +69,10 @@ def check_layout(mngr: ocp.CheckpointManager, step: int, where) -> None:
 def restore(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
     """The training state {"params", "opt", "step"} saved at `step`, shaped (and sharded) like `target`."""
     check_layout(mngr, step, Path(mngr.directory).parent)
+    if "train_state" not in item_names(mngr, step):  # imported weights (scripts/hf.py): a fresh optimizer
+        out = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(target["params"]))))
+        return {"params": out["params"], "opt": target["opt"], "step": target["step"]}
     out = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(target["params"])),
         train_state=ocp.args.StandardRestore(_abstract({"opt": target["opt"], "step": target["step"]}))))

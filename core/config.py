@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import UserError
-from core.tokenizer import TOKENIZERS, get_tokenizer
+from core.tokenizer import check_tokenizer_spec, tokenizer_vocab_size
 from models.registry import MODEL_CONFIGS
 
 
@@ -31,8 +31,7 @@ class DataConfig:
     cache_dir: str = ".cache/data"
 
     def validate(self) -> None:
-        if self.tokenizer not in TOKENIZERS:
-            raise UserError(f"unknown tokenizer {self.tokenizer!r}; valid: {', '.join(sorted(TOKENIZERS))}")
+        check_tokenizer_spec(self.tokenizer)
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ def from_dict(raw: dict, name: str) -> Config:
             raise UserError(f"train.{key} must be >= 1; got {getattr(cfg.train, key)}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1); got {cfg.data.val_fraction}")
-    vocab = get_tokenizer(cfg.data.tokenizer).vocab_size
+    vocab = tokenizer_vocab_size(cfg.data.tokenizer)
     if vocab > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size {cfg.model.vocab_size} < vocabulary {vocab} of tokenizer "
                         f"{cfg.data.tokenizer!r}")

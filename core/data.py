@@ -1,7 +1,9 @@
-"""Corpus discovery, a deterministic train/validation split, a uint16 token cache, and reproducible batches."""
+"""Corpus discovery, a deterministic train/validation split, a token cache (uint16, or uint32 for vocabularies
+over 65,536 ids), a trained byte-level BPE cache, and reproducible batches."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -61,9 +63,56 @@ def is_validation(rel_path: str, val_fraction: float) -> bool:
     return (h % 1_000_000) < int(round(val_fraction * 1_000_000))
 
 
+def token_dtype(vocab_size: int):
+    """The narrowest cache dtype that holds every id."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def _sources_key(prefix: str, sources) -> str:
+    h = hashlib.sha256(prefix.encode())
+    for rel, path in sources:
+        st = path.stat()
+        h.update(f"|{rel}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def trained_bpe(cfg: DataConfig, vocab_size: int):
+    """The byte-level BPE of `vocab_size` ids trained on this data config's training split (validation files
+    are never seen), trained once and cached under cache_dir/bpe-<key>, keyed like the corpus cache (the
+    sources' names, sizes and mtimes, the split, the size). Written to a temp dir and renamed."""
+    from core.tokenizer import train_bpe
+
+    sources = resolve_sources(cfg.sources)
+    key = _sources_key(f"bpe|{CACHE_FORMAT}|{vocab_size}|{cfg.val_fraction}", sources)
+    cache = Path(cfg.cache_dir) / f"bpe-{key}"
+    if not (cache / "tokenizer.json").is_file():
+        texts = (path.read_bytes().decode("utf-8", errors="replace") for rel, path in sources
+                 if not is_validation(rel, cfg.val_fraction))
+        text = train_bpe(texts, vocab_size)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
+        try:
+            (tmp / "tokenizer.json").write_text(text, encoding="utf-8")
+            try:
+                os.rename(tmp, cache)
+            except OSError:  # another process won the race; its tokenizer is the same
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return _bpe_from(str((cache / "tokenizer.json").resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _bpe_from(file: str):
+    from core.tokenizer import BPETokenizer
+
+    return BPETokenizer(file)
+
+
 @dataclass
 class Corpus:
-    train: np.ndarray  # uint16 memmap, documents separated by EOS
+    train: np.ndarray  # uint16 (uint32 for vocabularies over 65,536 ids) memmap, documents separated by EOS
     val: np.ndarray
     key: str  # content hash of sources + tokenizer + split: identifies the corpus for SAM files
     tokenizer_name: str
@@ -72,20 +121,16 @@ class Corpus:
     @classmethod
     def open(cls, cfg: DataConfig, tokenizer) -> "Corpus":
         sources = resolve_sources(cfg.sources)
-        stat_key = hashlib.sha256()
-        stat_key.update(f"{CACHE_FORMAT}|{tokenizer.name}|{cfg.val_fraction}".encode())
-        for rel, path in sources:
-            st = path.stat()
-            stat_key.update(f"|{rel}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-        cache = Path(cfg.cache_dir) / stat_key.hexdigest()[:20]
+        cache = Path(cfg.cache_dir) / _sources_key(f"{CACHE_FORMAT}|{tokenizer.name}|{cfg.val_fraction}", sources)
         if not (cache / "meta.json").is_file():
             _tokenize_into(cache, sources, tokenizer, cfg.val_fraction)
         meta = json.loads((cache / "meta.json").read_text())
         arrays = {}
         for split in ("train", "val"):
             n = meta[f"{split}_tokens"]
-            arrays[split] = (np.memmap(cache / f"{split}.bin", dtype=np.uint16, mode="r", shape=(n,))
-                             if n else np.zeros((0,), np.uint16))
+            dtype = np.dtype(meta.get("dtype", "uint16"))  # caches written before uint32 hold no dtype
+            arrays[split] = (np.memmap(cache / f"{split}.bin", dtype=dtype, mode="r", shape=(n,))
+                             if n else np.zeros((0,), dtype))
         if meta["train_tokens"] == 0:
             raise UserError(f"data.sources gave an empty training split ({len(sources)} files)")
         return cls(arrays["train"], arrays["val"], meta["corpus_hash"], tokenizer.name, meta)
@@ -100,7 +145,8 @@ def _tokenize_into(cache: Path, sources, tokenizer, val_fraction: float) -> None
         counts = {"train": 0, "val": 0}
         files = {"train": 0, "val": 0}
         outs = {s: open(tmp / f"{s}.bin", "wb") for s in counts}
-        eos = np.array([tokenizer.eos_id], np.uint16)
+        dtype = token_dtype(tokenizer.vocab_size)
+        eos = np.array([tokenizer.eos_id], dtype)
         for rel, path in sources:
             data = path.read_bytes()
             content.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
@@ -108,13 +154,13 @@ def _tokenize_into(cache: Path, sources, tokenizer, val_fraction: float) -> None
             if len(ids) == 0:
                 continue
             split = "val" if is_validation(rel, val_fraction) else "train"
-            outs[split].write(ids.astype(np.uint16).tobytes())
+            outs[split].write(ids.astype(dtype).tobytes())
             outs[split].write(eos.tobytes())
             counts[split] += len(ids) + 1
             files[split] += 1
         for f in outs.values():
             f.close()
-        meta = {"format": CACHE_FORMAT, "tokenizer": tokenizer.name, "corpus_hash": content.hexdigest()[:32],
+        meta = {"format": CACHE_FORMAT, "tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "corpus_hash": content.hexdigest()[:32],
                 "train_tokens": counts["train"], "val_tokens": counts["val"],
                 "train_files": files["train"], "val_files": files["val"]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -38,7 +38,7 @@ def build(target: str, *, max_tokens: int | None = None, out: str | None = None,
     config, run_dir = resolve(target)
     try:
         cfg = load_config(config)
-        tok = get_tokenizer(cfg.data.tokenizer)
+        tok = get_tokenizer(cfg.data)
         corpus = Corpus.open(cfg.data, tok)
     except UserError as e:
         raise UserError(f"{config}: {e}") from None

@@ -199,7 +199,7 @@ def engine_for_run(run_dir, *, step: int | None = None, prefix: bool | None = No
     from core.tokenizer import get_tokenizer
 
     cfg, model, _ = load_model(run_dir, step)
-    tok = get_tokenizer(cfg.data.tokenizer)
+    tok = get_tokenizer(cfg.data)
     if prefix is None:
         prefix = cfg.train.objective == "prefix"
     engine = Engine(model, max_len=cfg.decode.max_len, bos_id=tok.bos_id, pad_id=tok.pad_id,

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     path = Path(args.target)
     config = path / "config.toml" if path.is_dir() else path
     cfg = load_config(config)
-    tok = get_tokenizer(cfg.data.tokenizer)
+    tok = get_tokenizer(cfg.data)
     val = Corpus.open(cfg.data, tok).val
     prompts = build_prompts(val, tok, n=args.n, prompt_tokens=args.prompt_tokens, seed=args.seed)
     if not prompts:

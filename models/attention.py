@@ -205,9 +205,11 @@ class Attention(nnx.Module):
     """Grouped-query q/k/v and output projections with RoPE; the mixers below choose what keys a query sees."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, rope_base: float,
-                 rngs: nnx.Rngs, dtype, param_dtype, out_scale: float = 1.0):
+                 rngs: nnx.Rngs, dtype, param_dtype, out_scale: float = 1.0, rope_scaling: tuple = (),
+                 qkv_bias: bool = False):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_base = n_heads, n_kv_heads, head_dim, rope_base
+        self.rope_scaling = tuple(rope_scaling)  # () or ("llama3", factor, low, high, original_max_len)
         self.dtype = dtype
         # q, k and v in one kernel, grouped by KV head: [d, G, R + 2, hd] holds the R query heads of group g
         # (head h = g * R + r, the order `_grouped` assumes), then its key and its value head. Tensor
@@ -215,14 +217,21 @@ class Attention(nnx.Module):
         self.r = n_heads // n_kv_heads
         self.qkv_proj = Projection(d_model, (n_kv_heads, self.r + 2, head_dim), ("embed", "kv_heads", None, None),
                                    **kw)
+        # Optional q/k/v biases (Qwen2), the kernel's output [G, R + 2, hd] flattened (1-D: no weight decay, not
+        # a matrix in the FLOP count); zeros at init.
+        self.qkv_bias = (nnx.Param(jnp.zeros((n_kv_heads * (self.r + 2) * head_dim,), param_dtype),
+                                   out_sharding=("kv_heads",)) if qkv_bias else None)
         self.o = dense(n_heads * head_dim, d_model, ("heads", "embed"), scale=out_scale, **kw)
 
     def qkv(self, x_BxLxD, pos_BxL):
         b, l, _ = x_BxLxD.shape
         y = self.qkv_proj(x_BxLxD)  # [B, L, G, R + 2, hd]
+        if self.qkv_bias is not None:
+            y = y + self.qkv_bias[...].astype(y.dtype).reshape(y.shape[-3:])
         q = y[:, :, :, :self.r].reshape(b, l, self.n_heads, self.head_dim)
         k, v = y[:, :, :, self.r], y[:, :, :, self.r + 1]
-        return rope(q, pos_BxL, self.rope_base), rope(k, pos_BxL, self.rope_base), v
+        sc = self.rope_scaling
+        return rope(q, pos_BxL, self.rope_base, sc), rope(k, pos_BxL, self.rope_base, sc), v
 
     def out(self, o_BxLxHxD):
         b, l = o_BxLxHxD.shape[:2]

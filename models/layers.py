@@ -42,11 +42,38 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_BxLxHxD, pos_BxL, base: float = 10000.0):
-    """Rotary embedding, half-split (NeoX) layout. Angles in fp32: bf16 angles break at long positions."""
+def rope_inv_freq(d: int, base: float = 10000.0, scaling: tuple = ()):
+    """The d/2 rotary frequencies (numpy fp32 math, a trace-time constant). `scaling` is () or
+    ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len): Llama 3.1's frequency-dependent
+    scaling (low frequencies divided by `factor`, high ones kept, a smooth ramp between), as transformers'
+    `_compute_llama3_parameters` computes it."""
+    import numpy as np
+
+    half = d // 2
+    inv = 1.0 / (base ** (np.arange(half, dtype=np.float32) / half))
+    if scaling:
+        kind, factor, low, high, old_len = scaling
+        if kind != "llama3":
+            raise ValueError(f"unknown rope scaling {kind!r}; valid: llama3")
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = old_len / low, old_len / high
+        scaled = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope(x_BxLxHxD, pos_BxL, base: float = 10000.0, scaling: tuple = ()):
+    """Rotary embedding, half-split (NeoX) layout. Angles in fp32: bf16 angles break at long positions.
+    `scaling`: see `rope_inv_freq` (() = plain RoPE)."""
     d = x_BxLxHxD.shape[-1]
     half = d // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+    if scaling:
+        inv_freq = jnp.asarray(rope_inv_freq(d, base, scaling))
+    else:
+        inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
     ang_BxLxF = pos_BxL.astype(jnp.float32)[..., None] * inv_freq
     cos = jnp.cos(ang_BxLxF)[:, :, None, :]
     sin = jnp.sin(ang_BxLxF)[:, :, None, :]

@@ -192,7 +192,7 @@ def run_extrapolation(args) -> dict:
     rows = []
     for run_dir in args.extrapolation:
         cfg, model, step = load_model(run_dir)
-        tok = get_tokenizer(cfg.data.tokenizer)
+        tok = get_tokenizer(cfg.data)
         corpus = Corpus.open(cfg.data, tok)
         graphdef, params = nnx.split(model)
 

@@ -103,7 +103,7 @@ class Trainer:
                        **{k: v for k, v in aux.items()}}
             return {"params": params, "opt": opt_state, "step": state["step"] + 1}, metrics
 
-        tok = get_tokenizer(self.cfg.data.tokenizer)
+        tok = get_tokenizer(self.cfg.data)
 
         def eval_step(params, tokens_BxL1):
             nll_sum, _, _, targets, weights = self._forward(params, tokens_BxL1, None)
@@ -152,7 +152,7 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     resuming = prepare_run_dir(cfg, run_dir)
-    tok = get_tokenizer(cfg.data.tokenizer)  # the name and vocabulary size were checked with the config
+    tok = get_tokenizer(cfg.data)  # the name and vocabulary size were checked with the config
     corpus = Corpus.open(cfg.data, tok)
     mesh = make_mesh(cfg.mesh)
     shards = batch_shards(mesh)
