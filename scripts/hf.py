@@ -479,7 +479,19 @@ def _export_tokenizer(cfg, tmp: Path, hf_cfg: dict, log) -> None:
     hf_cfg.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
 
 
-def export_hf(run_dir, hf_dir, *, step: int | None = None, max_shard_mb: int = 4096, log=print) -> dict:
+def reference_logits(model, path: Path, *, seed: int = 0, shape=(2, 16)) -> None:
+    """Fixed random tokens and our fp32 logits for them, to compare with transformers on the exported directory
+    (`python scripts/make_hf_fixtures.py check HF_DIR FILE.npz`)."""
+    import jax.numpy as jnp
+
+    tokens = np.random.default_rng(seed).integers(0, model.vocab_size, size=shape).astype(np.int64)
+    logits, _ = model(jnp.asarray(tokens, jnp.int32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, tokens=tokens, logits=np.asarray(logits, np.float32))
+
+
+def export_hf(run_dir, hf_dir, *, step: int | None = None, max_shard_mb: int = 4096, log=print,
+              reference: str | None = None) -> dict:
     import jax
     from flax import nnx
     from safetensors.numpy import save_file
@@ -493,6 +505,8 @@ def export_hf(run_dir, hf_dir, *, step: int | None = None, max_shard_mb: int = 4
     hf_cfg = hf_config_for(load_config(run_dir / "config.toml"))  # refuses SAMBA / DLCM before any load
     cfg, model, step = load_model(run_dir, step)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if reference:
+        reference_logits(load_model(run_dir, step, dtype="float32")[1], Path(reference))
     del model
     tmp = _tmp_dir_for(hf_dir)
     try:
@@ -550,6 +564,8 @@ def main(argv=None) -> int:
     ex.add_argument("hf_dir")
     ex.add_argument("--step", type=int, default=None)
     ex.add_argument("--max-shard-mb", type=int, default=4096)
+    ex.add_argument("--reference-logits", default=None, metavar="FILE.npz",
+                    help="also write fixed tokens and our fp32 logits (for make_hf_fixtures.py check)")
     args = p.parse_args(argv)
     if args.cmd == "import":
         print(json.dumps(import_hf(args.hf_dir, args.run_dir, dtype=args.dtype, compute_dtype=args.compute_dtype,
@@ -558,7 +574,7 @@ def main(argv=None) -> int:
         if args.max_shard_mb < 1:
             raise UserError("--max-shard-mb must be >= 1")
         print(json.dumps(export_hf(args.run_dir, args.hf_dir, step=args.step, max_shard_mb=args.max_shard_mb,
-                                   log=lambda m: print(m, file=sys.stderr))))
+                                   log=lambda m: print(m, file=sys.stderr), reference=args.reference_logits)))
     return 0
 
 

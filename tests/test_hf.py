@@ -1,0 +1,180 @@
+"""Hugging Face import/export (scripts/hf.py) against the tiny fixtures of scripts/make_hf_fixtures.py.
+
+The fixtures are transformers models (a GQA Llama with Llama-3 rope scaling, untied, in four safetensors
+shards; a Qwen2 with q/k/v biases, tied, stored in bf16; a Mamba stack) with the logits transformers computed
+for fixed tokens. No torch here: the imported models must reproduce those logits.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from core.checkpoint import load_model
+from core.tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures" / "hf"
+sys.path.insert(0, str(ROOT / "scripts"))
+import hf  # noqa: E402
+
+FAMILIES = ("llama", "qwen2", "mamba")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """Each fixture imported once: name -> run directory."""
+    root = tmp_path_factory.mktemp("hf_runs")
+    return {name: Path(hf.import_hf(FIX / name, root / name, log=lambda m: None)["run_dir"]) for name in FAMILIES}
+
+
+def rel_err(got, want):
+    return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_import_matches_transformers_logits(imported, name):
+    """Full forward and cached decoding (a 5-token prefill, then one token at a time) both match."""
+    cfg, model, step = load_model(imported[name], dtype="float32")
+    assert step == 0
+    ref = np.load(FIX / name / "expected.npz")
+    toks = jnp.asarray(ref["tokens"], jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, toks):
+        return nnx.merge(graphdef, state)(toks)[0]
+
+    @jax.jit
+    def step_(state, toks, cache):
+        m = nnx.merge(graphdef, state)
+        logits, cache = m.extend(toks, cache)
+        return logits, m.commit(cache, jnp.full((toks.shape[0],), toks.shape[1], jnp.int32))
+
+    assert rel_err(forward(state, toks), ref["logits"]) < 1e-4
+    b, n = toks.shape
+    logits, cache = step_(state, toks[:, :5], model.init_cache(b, 32))
+    steps = [logits]
+    for t in range(5, n):
+        logits, cache = step_(state, toks[:, t:t + 1], cache)
+        steps.append(logits)
+    assert rel_err(jnp.concatenate(steps, axis=1), ref["logits"]) < 1e-4
+
+
+def test_import_keeps_config_and_dtype(imported):
+    """bf16 stays bf16; the family's features land in the config; the tokenizer is the fixture's."""
+    qcfg, qmodel, _ = load_model(imported["qwen2"])
+    assert qcfg.model.param_dtype == "bfloat16" and qcfg.model.qkv_bias and qcfg.model.tie_embeddings
+    assert qmodel.embed.embedding[...].dtype == jnp.bfloat16
+    lcfg = load_model(imported["llama"])[0]
+    assert (lcfg.model.rope_scaling, lcfg.model.rope_original_max_len, lcfg.model.n_kv_heads) == ("llama3", 16, 2)
+    assert not lcfg.model.tie_embeddings and lcfg.model.param_dtype == "float32"
+    mcfg = load_model(imported["mamba"])[0]
+    assert mcfg.model.arch == "mamba" and not mcfg.model.mlp and mcfg.model.dt_rank == 4
+    tok = get_tokenizer(lcfg.data)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (300, 0, 1)
+    text = "def norm(self):\n    return x ** 0.5  # é ✓"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and int(tok.n_bytes(ids).sum()) == len(text.encode())
+
+
+def test_import_export_import_is_identity(imported, tmp_path):
+    for name in FAMILIES:
+        hf.export_hf(imported[name], tmp_path / f"hf_{name}", log=lambda m: None)
+        cfg_json = json.loads((tmp_path / f"hf_{name}" / "config.json").read_text())
+        assert cfg_json["architectures"] == json.loads((FIX / name / "config.json").read_text())["architectures"]
+        hf.import_hf(tmp_path / f"hf_{name}", tmp_path / f"run_{name}", log=lambda m: None)
+        a, b = (nnx.to_pure_dict(nnx.state(load_model(d)[1], nnx.Param))
+                for d in (imported[name], tmp_path / f"run_{name}"))
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+        ta, tb = (get_tokenizer(load_model(d)[0].data) for d in (imported[name], tmp_path / f"run_{name}"))
+        assert (ta.name, ta.eos_id) == (tb.name, tb.eos_id)
+
+
+def test_resume_from_imported_weights_builds_a_fresh_optimizer(imported):
+    """`python -m train` resumes an imported run: step 0 holds params only, so `checkpoint.restore` returns
+    the imported parameters with the caller's fresh optimizer state."""
+    from core import checkpoint
+
+    cfg, model, _ = load_model(imported["llama"])
+    want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    target = {"params": jax.tree.map(jnp.zeros_like, want), "opt": {"mu": jnp.ones(3)}, "step": jnp.zeros((), jnp.int32)}
+    mngr = checkpoint.manager(imported["llama"], create=False)
+    try:
+        assert mngr.latest_step() == 0
+        got = checkpoint.restore(mngr, 0, target)
+    finally:
+        mngr.close()
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), got["params"], want)
+    assert got["opt"] is target["opt"] and int(got["step"]) == 0
+
+
+def test_speculative_greedy_equals_plain_on_an_imported_bpe_model(imported):
+    from decode.drafters import make_drafter
+    from decode.engine import engine_for_run
+
+    cfg, tok, engine = engine_for_run(imported["llama"], verify_sizes=(1, 4))
+    prompt = tok.encode("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n")
+    plain = engine.generate([prompt], max_new_tokens=24, stop_ids=()).tokens[0]
+    spec = engine.generate_speculative([prompt], [make_drafter("pld", vocab_size=tok.vocab_size)],
+                                       max_new_tokens=24, stop_ids=())
+    assert spec.tokens[0].tolist() == plain.tolist()
+    assert tok.vocab_size == 300 and tok.name.startswith("hf-")
+
+
+# ---- bad input: one line, exit 2, nothing written ----------------------------------------------------------------
+def _copy(tmp_path, name="llama", tag=""):
+    dst = tmp_path / f"src_{name}{tag}"
+    shutil.copytree(FIX / name, dst)
+    return dst
+
+
+def _edit_config(d, **kv):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(kv)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _bad(tmp_path, capsys, argv, match):
+    out = Path(argv[-1])
+    assert hf.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and match in err and "\n" not in err, err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, imported):
+    src = _copy(tmp_path)
+    _edit_config(src, architectures=["GPT2LMHeadModel"])
+    _bad(tmp_path, capsys, ["import", str(src), str(tmp_path / "a")],
+         "supported: LlamaForCausalLM, Qwen2ForCausalLM, MambaForCausalLM")
+
+    src = _copy(tmp_path, "qwen2")
+    _edit_config(src, intermediate_size=48)
+    _bad(tmp_path, capsys, ["import", str(src), str(tmp_path / "b")], "config.json implies [48, 32]")
+
+    src = _copy(tmp_path, "mamba")
+    _edit_config(src, vocab_size=200)
+    _bad(tmp_path, capsys, ["import", str(src), str(tmp_path / "c")], "tokenizer.json has 300 ids")
+
+    src = _copy(tmp_path, tag="2")
+    (src / "model-00002-of-00004.safetensors").unlink()
+    _bad(tmp_path, capsys, ["import", str(src), str(tmp_path / "d")], "missing safetensors shard")
+
+    src = tmp_path / "src_llama2"
+    shutil.copy(FIX / "llama" / "model-00002-of-00004.safetensors", src)
+    shard = src / "model-00003-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    _bad(tmp_path, capsys, ["import", str(src), str(tmp_path / "e")], "cannot read safetensors shard")
+
+    run = tmp_path / "samba_run"
+    run.mkdir()
+    (run / "config.toml").write_text('name = "s"\n[model]\narch = "samba"\n')
+    _bad(tmp_path, capsys, ["export", str(run), str(tmp_path / "f")], "no transformers class")
