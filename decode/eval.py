@@ -29,7 +29,9 @@ def static_automaton(sam_dir: Path, cfg, tok):
     if not (sam_dir / "header.json").is_file():  # before opening (maybe tokenizing) the corpus
         raise UserError(f"no suffix automaton at {sam_dir} (build one with: python -m decode.build_sam RUN_DIR "
                         f"--out {sam_dir})")
-    corpus_hash = Corpus.open(cfg.data, tok).key
+    # An automaton of arbitrary text files (build_sam --sources) is checked for the tokenizer only.
+    built_from = json.loads((sam_dir / "header.json").read_text()).get("corpus_hash", "")
+    corpus_hash = None if str(built_from).startswith("files-") else Corpus.open(cfg.data, tok).key
     try:
         # Read into memory rather than memory-mapped: a timed run should not pay the page faults of its
         # first visits to each part of a 1.2 GB automaton (measured: ~2 ms of drafting per step otherwise).
