@@ -2,7 +2,7 @@
 
     errors.py      UserError, the one user-error type, and `cli`, the wrapper every CLI's main runs through
     config.py      TOML run configs -> frozen dataclasses, `section.key=value` overrides, validation
-    tokenizer.py   tokenizers (byte-level today) with a byte-count table for bits per byte
+    tokenizer.py   tokenizers (byte, hf:tokenizer.json, a trained bpe:N) with a byte-count table for bits per byte
     data.py        corpus discovery, the hash-based train/validation split, the token cache, batches
     checkpoint.py  orbax checkpoints (items "params", "train_state", "config") and `load_model`
     mesh.py        the device mesh and the logical-axis -> mesh-axis sharding rules

@@ -1,5 +1,8 @@
 """SAMBA (arXiv 2406.07522): blocks alternate Mamba-1 (even) and sliding-window attention (odd).
 
+`pattern` = "mamba" or "attention" makes every block one kind (baselines in the same family), and `mlp` =
+false drops the SwiGLU after each mixer.
+
 Each block is the generic `x += mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))` (models/base.py, Block),
 embeddings are tied, and the residual output projections start scaled by 1/sqrt(2 * blocks).
 
@@ -26,12 +29,19 @@ from models.layers import AttentionDims, SwiGLU, dtype_of
 from models.mamba import MambaDims
 
 
+PATTERNS = ("alternate", "mamba", "attention")
+
+
 @dataclass(frozen=True)
 class SambaConfig(AttentionDims, MambaDims):
     arch: str = "samba"
     vocab_size: int = 259
     d_model: int = 256
-    n_layers: int = 4  # blocks: Mamba on even, SWA on odd
+    n_layers: int = 4  # blocks: Mamba on even, SWA on odd (pattern "alternate")
+    # Which mixer each block holds: "alternate" (SAMBA), "mamba" (Mamba only) or "attention" (SWA only): the
+    # study's pure-Mamba and pure-attention baselines in the same family.
+    pattern: str = "alternate"
+    mlp: bool = True  # a SwiGLU after each mixer
     n_heads: int = 4
     n_kv_heads: int = 0  # 0: same as n_heads
     head_dim: int = 0  # 0: d_model // n_heads
@@ -56,6 +66,8 @@ class SambaConfig(AttentionDims, MambaDims):
         for name in ("vocab_size", "n_layers", "n_heads", "window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}; got {self.pattern!r}")
         self.check_mamba_dims()
         self.check_attention_dims()
         if self.hd % 2:
@@ -68,16 +80,16 @@ class SambaLM(StackLM):
 
     def __init__(self, cfg: SambaConfig, *, rngs: nnx.Rngs):
         dt, pdt = self._init_embed(cfg, rngs)
-        out_scale = residual_scale(2 * cfg.n_layers)
+        out_scale = residual_scale((2 if cfg.mlp else 1) * cfg.n_layers)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt, out_scale=out_scale)
 
         def block(i):
-            if i % 2 == 0:
+            if cfg.pattern == "mamba" or (cfg.pattern == "alternate" and i % 2 == 0):
                 mixer = cfg.mamba_mixer(**kw)
             else:
                 mixer = SlidingWindowAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, window=cfg.window,
                                                rope_base=cfg.rope_base, **kw)
-            mlp = SwiGLU(cfg.d_model, cfg.hidden, **kw)
+            mlp = SwiGLU(cfg.d_model, cfg.hidden, **kw) if cfg.mlp else None
             return Block(cfg.d_model, mixer, mlp, norm_eps=cfg.norm_eps, param_dtype=pdt)
 
         self.blocks = nnx.List([block(i) for i in range(cfg.n_layers)])

@@ -8,8 +8,8 @@ Import reads `config.json`, the safetensors (one file, or shards listed by `mode
 (`python -m decode`, `decode.eval`, `decode.build_sam`, `python -m train` fine-tuning): `config.toml`, the
 tokenizer under `tokenizer/` (data.tokenizer = "hf:RUN_DIR/tokenizer"), and a checkpoint at step 0 that holds
 only the `params` and `config` items (the trainer builds a fresh optimizer state when it resumes from it).
-Tensors are read one at a time (a memory map of the file, so peak host memory is about the model plus one
-tensor), converted to our layout and placed straight into their sharding on the run's mesh. Weights keep
+Tensors are read one at a time, converted to our layout and placed straight into their sharding on the run's
+mesh (the host never holds a second full copy in our layout). Weights keep
 their stored dtype (bf16 stays bf16) unless --dtype says otherwise.
 
 Families (`architectures[0]` of config.json -> our model.arch):
@@ -53,8 +53,8 @@ class Shards:
     """The tensors of a Hugging Face directory: name -> shard file, read one tensor at a time.
 
     Metadata (names, shapes, dtypes) and numpy-native tensors come from the `safetensors` package; numpy has
-    no bfloat16, so a bf16 tensor is a view of the file's memory map at the offsets safetensors' header gives,
-    as `ml_dtypes.bfloat16` (what jax uses).
+    no bfloat16, so a bf16 tensor is read at the offsets safetensors' header gives, as `ml_dtypes.bfloat16`
+    (what jax uses).
     """
 
     def __init__(self, hf_dir: Path):
@@ -120,6 +120,8 @@ class Shards:
         return self._bf16(f, name, shape)
 
     def _bf16(self, f: str, name: str, shape: tuple) -> np.ndarray:
+        """Read with one pread into memory the caller frees (a memory map's touched pages would stay in the
+        process until the end: measured 3.8 GB peak RSS for a 1.3 GB model with a map)."""
         import ml_dtypes
 
         path = self.dir / f
@@ -127,10 +129,17 @@ class Shards:
             with open(path, "rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
                 header = json.loads(fh.read(n))
-            self._maps[f] = (np.memmap(path, dtype=np.uint8, mode="r"), 8 + n, header)
-        mm, base, header = self._maps[f]
+            self._maps[f] = (8 + n, header)
+        base, header = self._maps[f]
         start, end = header[name]["data_offsets"]
-        return mm[base + start:base + end].view(ml_dtypes.bfloat16).reshape(shape)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = os.pread(fd, end - start, base + start)
+        finally:
+            os.close(fd)
+        if len(buf) != end - start:
+            raise UserError(f"safetensors shard {path} is truncated (tensor {name})")
+        return np.frombuffer(buf, dtype=ml_dtypes.bfloat16).reshape(shape)
 
 
 # ---- family configs ---------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Needs the `torch-ref` extra (torch, transformers); the test suite itself never i
         qwen2/ (q/k/v biases, tied embeddings, stored in bf16), mamba/ (a pure Mamba stack, tied):
         each a `save_pretrained` directory (config.json, *.safetensors, tokenizer.json, tokenizer_config.json)
         plus expected.npz: fixed `tokens` [2, 16] and the fp32 `logits` transformers computes for them.
+    python scripts/make_hf_fixtures.py big OUT_DIR [--d 1536 --layers 16 ...]
+        a random bf16 Llama of realistic shape (650M parameters by default) for timing imports; not checked in.
     python scripts/make_hf_fixtures.py check HF_DIR EXPECTED.npz
         `from_pretrained(HF_DIR)` (what `python scripts/hf.py export` wrote) and the max relative error of its
         logits against EXPECTED's; exit 1 above 1e-4.
@@ -120,6 +122,25 @@ def make(out_root: Path) -> None:
     print(f"total {total / 1024:.0f} KiB")
 
 
+def big(out: Path, *, d: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> None:
+    """A random Llama of realistic shape in bf16, in 500 MB shards (for import time and memory; not checked in)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=d // heads, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=1, max_position_embeddings=8192,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 1024}, rope_theta=500000.0))
+    model.save_pretrained(out, max_shard_size="500MB")
+    save_tokenizer(fixture_tokenizer(["<s>", "</s>"]), out, bos_token="<s>", eos_token="</s>")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{out}: {n / 1e6:.0f}M params, bf16")
+
+
 def check(hf_dir: Path, expected: Path) -> int:
     from transformers import AutoModelForCausalLM
 
@@ -141,7 +162,19 @@ def main(argv=None) -> int:
     c = sub.add_parser("check")
     c.add_argument("hf_dir")
     c.add_argument("expected")
+    b = sub.add_parser("big")
+    b.add_argument("out")
+    b.add_argument("--d", type=int, default=1536)
+    b.add_argument("--layers", type=int, default=16)
+    b.add_argument("--heads", type=int, default=12)
+    b.add_argument("--kv-heads", type=int, default=4)
+    b.add_argument("--ffn", type=int, default=6144)
+    b.add_argument("--vocab", type=int, default=32000)
     args = p.parse_args(argv)
+    if args.cmd == "big":
+        big(Path(args.out), d=args.d, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn,
+            vocab=args.vocab)
+        return 0
     if args.cmd == "make":
         make(Path(args.out))
         return 0

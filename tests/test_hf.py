@@ -178,3 +178,21 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, imported):
     run.mkdir()
     (run / "config.toml").write_text('name = "s"\n[model]\narch = "samba"\n')
     _bad(tmp_path, capsys, ["export", str(run), str(tmp_path / "f")], "no transformers class")
+
+
+def test_samba_layer_pattern_without_mlp_is_the_pure_mamba_stack():
+    """SAMBA's `pattern = "mamba"`, `mlp = false` builds exactly the `mamba` architecture (same parameters at
+    the same seed, same blocks); `pattern = "attention"` has no Mamba layer."""
+    from models.mamba_lm import MambaLM, MambaLMConfig
+    from models.samba import SambaConfig, SambaLM
+
+    dims = dict(vocab_size=40, d_model=16, n_layers=2, d_state=4, scan_chunk=8)
+    samba = SambaLM(SambaConfig(pattern="mamba", mlp=False, **dims), rngs=nnx.Rngs(0))
+    mamba = MambaLM(MambaLMConfig(**dims), rngs=nnx.Rngs(0))
+    a, b = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (samba, mamba))
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    assert all(blk.mlp is None for blk in samba.blocks)  # same parameters, same blocks: the same function
+    attn = SambaLM(SambaConfig(pattern="attention", window=4, **dims), rngs=nnx.Rngs(0))
+    assert all(type(blk.mixer).__name__ == "SlidingWindowAttention" and blk.mlp is not None for blk in attn.blocks)
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        SambaConfig(pattern="zigzag").validate()
