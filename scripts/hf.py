@@ -8,8 +8,10 @@ Import reads `config.json`, the safetensors (one file, or shards listed by `mode
 (`python -m decode`, `decode.eval`, `decode.build_sam`, `python -m train` fine-tuning): `config.toml`, the
 tokenizer under `tokenizer/` (data.tokenizer = "hf:RUN_DIR/tokenizer"), and a checkpoint at step 0 that holds
 only the `params` and `config` items (the trainer builds a fresh optimizer state when it resumes from it).
-Tensors are read one at a time, converted to our layout and placed straight into their sharding on the run's
-mesh (the host never holds a second full copy in our layout). Weights keep
+Tensors are read one at a time and converted to our layout in host memory, from where orbax writes them:
+the conversion is a one-shot file-to-file job, and a round trip through the accelerator would cost a second
+copy (and, on a mesh, one compiled transfer per tensor: 8 s of the 9 s an import took on 8 host devices).
+`load_model` then restores the parameters straight into their shardings from `core.mesh`. Weights keep
 their stored dtype (bf16 stays bf16) unless --dtype says otherwise.
 
 Families (`architectures[0]` of config.json -> our model.arch):
@@ -344,7 +346,6 @@ def import_hf(hf_dir, run_dir, *, dtype: str | None = None, compute_dtype: str |
 
     from core import checkpoint
     from core.config import from_dict, save_config, to_dict
-    from core.mesh import make_mesh, param_shardings
     from core.tokenizer import HFTokenizer
     from models.layers import DTYPES
     from models.registry import build_model
@@ -382,7 +383,6 @@ def import_hf(hf_dir, run_dir, *, dtype: str | None = None, compute_dtype: str |
         mcfg = cfg.model
 
         abstract = nnx.eval_shape(lambda: build_model(mcfg, seed=0))
-        shardings = param_shardings(abstract, make_mesh(cfg.mesh))
         target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
         params = jax.tree.map(lambda x: None, target)
         want_dt = DTYPES[pdt]
@@ -394,7 +394,7 @@ def import_hf(hf_dir, run_dir, *, dtype: str | None = None, compute_dtype: str |
             ref = _get(target, path)
             if value.shape != ref.shape:  # a bug of ours, not the user's
                 raise AssertionError(f"{path}: converted {value.shape}, model expects {ref.shape}")
-            _set(params, path, jax.device_put(value, _get(shardings, path)))
+            _set(params, path, value)  # host memory: orbax writes it from there (see the module docstring)
             n_params += value.size
             del value
         unset = [p for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
@@ -499,10 +499,44 @@ def reference_logits(model, path: Path, *, seed: int = 0, shape=(2, 16)) -> None
     np.savez(path, tokens=tokens, logits=np.asarray(logits, np.float32))
 
 
+def saved_params(run_dir: Path, cfg, step: int | None):
+    """(pure-dict params on the host CPU, step) of a run's checkpoint, restored against the shapes its config
+    implies, without building (randomly initialising) a model. UserError as load_model's."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from core import checkpoint
+    from models.registry import build_model
+
+    if not (run_dir / "checkpoints").is_dir():
+        raise UserError(f"run directory has no checkpoints: {run_dir}")
+    mngr = checkpoint.manager(run_dir, create=False)
+    try:
+        steps = mngr.all_steps()
+        if not steps:
+            raise UserError(f"run directory has no checkpoints: {run_dir}")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise UserError(f"no checkpoint at step {step} in {run_dir}; available: {sorted(steps)}")
+        checkpoint.check_layout(mngr, step, run_dir)
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(cfg.model)), nnx.Param))
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        except Exception as e:  # orbax raises assorted types for structure/shape mismatches
+            raise UserError(f"cannot restore checkpoint {step} from {run_dir} (foreign or damaged): "
+                            f"{str(e).splitlines()[0][:200]}") from None
+    finally:
+        mngr.close()
+    return out["params"], step
+
+
 def export_hf(run_dir, hf_dir, *, step: int | None = None, max_shard_mb: int = 4096, log=print,
               reference: str | None = None) -> dict:
     import jax
-    from flax import nnx
     from safetensors.numpy import save_file
 
     from core.checkpoint import load_model
@@ -511,12 +545,11 @@ def export_hf(run_dir, hf_dir, *, step: int | None = None, max_shard_mb: int = 4
     run_dir, hf_dir = Path(run_dir), Path(hf_dir)
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"not a run directory (no config.toml): {run_dir}")
-    hf_cfg = hf_config_for(load_config(run_dir / "config.toml"))  # refuses SAMBA / DLCM before any load
-    cfg, model, step = load_model(run_dir, step)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    cfg = load_config(run_dir / "config.toml")
+    hf_cfg = hf_config_for(cfg)  # refuses SAMBA / DLCM before any load
+    params, step = saved_params(run_dir, cfg, step)
     if reference:
         reference_logits(load_model(run_dir, step, dtype="float32")[1], Path(reference))
-    del model
     tmp = _tmp_dir_for(hf_dir)
     try:
         _export_tokenizer(cfg, tmp, hf_cfg, log)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from core.checkpoint import load_model
+from core.config import load_config
 from core.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,15 +34,47 @@ def imported(tmp_path_factory):
     return {name: Path(hf.import_hf(FIX / name, root / name, log=lambda m: None)["run_dir"]) for name in FAMILIES}
 
 
+def saved_params(run_dir):
+    """The params item of step 0 as saved (no model is built: load_model's random init costs seconds)."""
+    import orbax.checkpoint as ocp
+
+    from core import checkpoint
+
+    mngr = checkpoint.manager(run_dir, create=False)
+    try:
+        return mngr.restore(0, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+    finally:
+        mngr.close()
+
+
+def model_of(run_dir, dtype=None):
+    """(cfg, model) of an imported run: an abstract model filled with the saved params. What load_model does,
+    without its eager random initialisation (seconds per model on 8 host devices)."""
+    import dataclasses
+
+    from models.registry import build_model
+
+    cfg = load_config(run_dir / "config.toml")
+    if dtype:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model)), nnx.Param)
+    nnx.replace_by_pure_dict(params, saved_params(run_dir))
+    return cfg, nnx.merge(graphdef, params)
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
 def rel_err(got, want):
     return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_import_matches_transformers_logits(imported, name):
-    """Full forward and cached decoding (a 5-token prefill, then one token at a time) both match."""
-    cfg, model, step = load_model(imported[name], dtype="float32")
-    assert step == 0
+    """Full forward and cached decoding (extend + commit, four tokens at a time) both match."""
+    cfg, model = model_of(imported[name], dtype="float32")
     ref = np.load(FIX / name / "expected.npz")
     toks = jnp.asarray(ref["tokens"], jnp.int32)
     graphdef, state = nnx.split(model)
@@ -59,23 +91,22 @@ def test_import_matches_transformers_logits(imported, name):
 
     assert rel_err(forward(state, toks), ref["logits"]) < 1e-4
     b, n = toks.shape
-    logits, cache = step_(state, toks[:, :5], model.init_cache(b, 32))
-    steps = [logits]
-    for t in range(5, n):
-        logits, cache = step_(state, toks[:, t:t + 1], cache)
+    cache, steps = model.init_cache(b, 32), []
+    for t in range(0, n, 4):  # four tokens at a time through the cache (one compile)
+        logits, cache = step_(state, toks[:, t:t + 4], cache)
         steps.append(logits)
     assert rel_err(jnp.concatenate(steps, axis=1), ref["logits"]) < 1e-4
 
 
 def test_import_keeps_config_and_dtype(imported):
     """bf16 stays bf16; the family's features land in the config; the tokenizer is the fixture's."""
-    qcfg, qmodel, _ = load_model(imported["qwen2"])
+    qcfg = load_config(imported["qwen2"] / "config.toml")
     assert qcfg.model.param_dtype == "bfloat16" and qcfg.model.qkv_bias and qcfg.model.tie_embeddings
-    assert qmodel.embed.embedding[...].dtype == jnp.bfloat16
-    lcfg = load_model(imported["llama"])[0]
+    assert saved_params(imported["qwen2"])["embed"]["embedding"].dtype == jnp.bfloat16
+    lcfg = load_config(imported["llama"] / "config.toml")
     assert (lcfg.model.rope_scaling, lcfg.model.rope_original_max_len, lcfg.model.n_kv_heads) == ("llama3", 16, 2)
     assert not lcfg.model.tie_embeddings and lcfg.model.param_dtype == "float32"
-    mcfg = load_model(imported["mamba"])[0]
+    mcfg = load_config(imported["mamba"] / "config.toml")
     assert mcfg.model.arch == "mamba" and not mcfg.model.mlp and mcfg.model.dt_rank == 4
     tok = get_tokenizer(lcfg.data)
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (300, 0, 1)
@@ -90,10 +121,9 @@ def test_import_export_import_is_identity(imported, tmp_path):
         cfg_json = json.loads((tmp_path / f"hf_{name}" / "config.json").read_text())
         assert cfg_json["architectures"] == json.loads((FIX / name / "config.json").read_text())["architectures"]
         hf.import_hf(tmp_path / f"hf_{name}", tmp_path / f"run_{name}", log=lambda m: None)
-        a, b = (nnx.to_pure_dict(nnx.state(load_model(d)[1], nnx.Param))
-                for d in (imported[name], tmp_path / f"run_{name}"))
-        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
-        ta, tb = (get_tokenizer(load_model(d)[0].data) for d in (imported[name], tmp_path / f"run_{name}"))
+        assert_trees_equal(saved_params(imported[name]), saved_params(tmp_path / f"run_{name}"))
+        ta, tb = (get_tokenizer(load_config(d / "config.toml").data)
+                  for d in (imported[name], tmp_path / f"run_{name}"))
         assert (ta.name, ta.eos_id) == (tb.name, tb.eos_id)
 
 
@@ -102,8 +132,7 @@ def test_resume_from_imported_weights_builds_a_fresh_optimizer(imported):
     the imported parameters with the caller's fresh optimizer state."""
     from core import checkpoint
 
-    cfg, model, _ = load_model(imported["llama"])
-    want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    want = saved_params(imported["llama"])
     target = {"params": jax.tree.map(jnp.zeros_like, want), "opt": {"mu": jnp.ones(3)}, "step": jnp.zeros((), jnp.int32)}
     mngr = checkpoint.manager(imported["llama"], create=False)
     try:
@@ -111,20 +140,36 @@ def test_resume_from_imported_weights_builds_a_fresh_optimizer(imported):
         got = checkpoint.restore(mngr, 0, target)
     finally:
         mngr.close()
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), got["params"], want)
+    assert_trees_equal(got["params"], want)
     assert got["opt"] is target["opt"] and int(got["step"]) == 0
 
 
-def test_speculative_greedy_equals_plain_on_an_imported_bpe_model(imported):
+def test_sam_over_text_files_and_speculative_greedy_equals_plain_on_an_imported_bpe_model(imported, tmp_path):
+    """decode.build_sam --sources indexes any text files with the imported model's BPE tokenizer; decode.eval
+    accepts that automaton for the run (tokenizer checked, no corpus); speculative greedy decoding with it
+    (and with pld) emits exactly plain greedy's tokens."""
+    from decode.build_sam import build
     from decode.drafters import make_drafter
-    from decode.engine import engine_for_run
+    from decode.engine import Engine
+    from decode.eval import static_automaton
 
-    cfg, tok, engine = engine_for_run(imported["llama"], verify_sizes=(1, 4))
-    prompt = tok.encode("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n")
-    plain = engine.generate([prompt], max_new_tokens=24, stop_ids=()).tokens[0]
-    spec = engine.generate_speculative([prompt], [make_drafter("pld", vocab_size=tok.vocab_size)],
-                                       max_new_tokens=24, stop_ids=())
-    assert spec.tokens[0].tolist() == plain.tolist()
+    text = "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
+    for i in range(3):
+        (tmp_path / f"doc{i}.py").write_text(text * (i + 1))
+    run = imported["llama"]
+    sam_dir = build(str(run), sources=[str(tmp_path / "*.py")], out=str(tmp_path / "sam"), log=lambda m: None)
+    cfg, model = model_of(run)
+    tok = get_tokenizer(cfg.data)
+    engine = Engine(model, max_len=cfg.decode.max_len, bos_id=tok.bos_id, pad_id=tok.pad_id, verify_sizes=(4,))
+    sam = static_automaton(sam_dir, cfg, tok)
+    assert sam.header["tokenizer"] == tok.name and sam.header["corpus_hash"].startswith("files-")
+    assert sam.n_tokens == sum(len(tok.encode(text * (i + 1))) + 1 for i in range(3))
+    prompt = tok.encode(text[:40])
+    plain = engine.generate([prompt, prompt[:7]], max_new_tokens=24, stop_ids=()).tokens
+    for name in ("sam", "pld"):
+        drafters = [make_drafter(name, vocab_size=tok.vocab_size, static_sam=sam) for _ in range(2)]
+        spec = engine.generate_speculative([prompt, prompt[:7]], drafters, max_new_tokens=24, stop_ids=())
+        assert [t.tolist() for t in spec.tokens] == [t.tolist() for t in plain]
     assert tok.vocab_size == 300 and tok.name.startswith("hf-")
 
 
@@ -181,18 +226,19 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, imported):
 
 
 def test_samba_layer_pattern_without_mlp_is_the_pure_mamba_stack():
-    """SAMBA's `pattern = "mamba"`, `mlp = false` builds exactly the `mamba` architecture (same parameters at
-    the same seed, same blocks); `pattern = "attention"` has no Mamba layer."""
+    """SAMBA's `pattern = "mamba"`, `mlp = false` builds the `mamba` architecture (the same parameter tree and
+    shapes, the same blocks); `pattern = "attention"` has no Mamba layer."""
     from models.mamba_lm import MambaLM, MambaLMConfig
     from models.samba import SambaConfig, SambaLM
 
     dims = dict(vocab_size=40, d_model=16, n_layers=2, d_state=4, scan_chunk=8)
-    samba = SambaLM(SambaConfig(pattern="mamba", mlp=False, **dims), rngs=nnx.Rngs(0))
-    mamba = MambaLM(MambaLMConfig(**dims), rngs=nnx.Rngs(0))
+    samba = nnx.eval_shape(lambda: SambaLM(SambaConfig(pattern="mamba", mlp=False, **dims), rngs=nnx.Rngs(0)))
+    mamba = nnx.eval_shape(lambda: MambaLM(MambaLMConfig(**dims), rngs=nnx.Rngs(0)))
     a, b = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (samba, mamba))
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.shape, a)) == jax.tree.leaves(jax.tree.map(lambda x: x.shape, b))
     assert all(blk.mlp is None for blk in samba.blocks)  # same parameters, same blocks: the same function
-    attn = SambaLM(SambaConfig(pattern="attention", window=4, **dims), rngs=nnx.Rngs(0))
+    attn = nnx.eval_shape(lambda: SambaLM(SambaConfig(pattern="attention", window=4, **dims), rngs=nnx.Rngs(0)))
     assert all(type(blk.mixer).__name__ == "SlidingWindowAttention" and blk.mlp is not None for blk in attn.blocks)
     with pytest.raises(ValueError, match="pattern must be one of"):
         SambaConfig(pattern="zigzag").validate()
