@@ -42,6 +42,17 @@ from models.registry import build_model
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+class _NoOrbaxTracebacks(logging.Filter):
+    """orbax logs a failed background save with tracebacks from each of its threads, then raises it to the
+    caller, where it becomes one SaveFailed line: drop the log copies."""
+
+    def filter(self, record):
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname.replace("\\", "/"))
+
+
+logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
+
+
 MANIFEST = "MANIFEST.json"
 DAMAGED = "damaged_checkpoints"  # where `resume` moves damaged steps (inside the run directory)
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -149,8 +160,11 @@ def check_finite(params, step: int, run_dir) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+    """The exception in one line; a long one keeps its head and its tail (where the OS error is)."""
     text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"
+    if len(text) > 320:
+        text = text[:120] + " ... " + text[-180:]
+    return f"{type(e).__name__}: {text}"
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -209,6 +223,21 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
         params=ocp.args.StandardRestore(_abstract(target["params"])),
         train_state=ocp.args.StandardRestore(_abstract({"opt": target["opt"], "step": target["step"]}))))
     return {"params": out["params"], **out["train_state"]}
+
+
+def set_aside(run_dir: Path, first: int) -> list[int]:
+    """Move committed steps >= first to run_dir/damaged_checkpoints/ (a diverged state); returns them."""
+    run_dir = Path(run_dir)
+    ck = run_dir / "checkpoints"
+    steps = sorted(int(p.name) for p in ck.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) >= first) \
+        if ck.is_dir() else []
+    for s in steps:
+        dest = run_dir / DAMAGED / str(s)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(ck / str(s), dest)
+    return steps
 
 
 def check_config(mngr: ocp.CheckpointManager, step: int, cfg: Config, where) -> None:

@@ -317,8 +317,17 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
         nonlocal last, t_first
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            # The loss of step s is computed from the state saved as step s - 1: that checkpoint (and any later)
+            # led to the divergence, so it is set aside and is not what a rerun resumes from.
+            try:
+                mngr.wait_until_finished()
+            except Exception:  # a failed save is not what this message is about
+                pass
+            moved = checkpoint.set_aside(run_dir, step_done - 1) if lead else []
+            note = (f"checkpoint{'s' if len(moved) > 1 else ''} {', '.join(map(str, moved))} (the state that "
+                    f"diverged) moved to {checkpoint.DAMAGED}/; " if moved else "")
             raise NonFiniteLoss(f"non-finite loss {m['loss']} / grad-norm {m['grad_norm']} at step {step_done}; "
-                                f"stopped, last good checkpoint: {checkpoint._last_good(run_dir)}")
+                                f"stopped; {note}last good checkpoint: {checkpoint._last_good(run_dir)}")
         if t_first is None:
             t_first = time.perf_counter() - t_start
             summary["time_to_first_step_s"] = round(t_first, 2)
