@@ -205,6 +205,18 @@ def _trim_metrics(path: Path, start: int) -> None:
         os.replace(tmp, path)
 
 
+def _unreadable(sources) -> str | None:
+    """The first file of the corpus that cannot be read (for the error message)."""
+    from core.data import resolve_sources
+    for _, path in resolve_sources(sources):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError:
+            return str(path)
+    return None
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
     """Validate an existing run directory against cfg. Returns True when resuming."""
     check_writable(run_dir)
@@ -236,7 +248,11 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
     run_dir = Path(run_dir)
     resuming = prepare_run_dir(cfg, run_dir)
     tok = get_tokenizer(cfg.data.tokenizer)  # the name and vocabulary size were checked with the config
-    corpus = Corpus.open(cfg.data, tok)
+    try:
+        corpus = Corpus.open(cfg.data, tok)
+    except OSError as e:  # a file in data.sources that cannot be read (the partial token cache is removed)
+        raise UserError(f"cannot read the corpus: {_unreadable(cfg.data.sources) or e.filename}: "
+                        f"{e.strerror or e}; every file matched by data.sources must be readable") from None
     mesh = make_mesh(cfg.mesh)
     shards = batch_shards(mesh)
     if cfg.data.batch_size % shards or cfg.data.batch_size % jax.process_count():
