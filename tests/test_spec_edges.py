@@ -5,6 +5,8 @@ A row whose prompt + budget fills the room exactly (max_len - slack, slack = max
 drafter that always proposes the full K = 8 tokens (the true greedy continuation, then junk past its end), makes
 the last verify steps write K + 1 positions ending at max_len: the output must still equal plain greedy
 decoding, whose last tokens must equal the training forward's argmax (the cache is right up to its edge).
+Mamba and SAMBA run the associative inner scan here (what accelerators run; CPU defaults to the sequential
+one, which the other equality tests cover), in the full forward, the verify extend and the commit replay.
 """
 
 import dataclasses
@@ -44,7 +46,7 @@ def _model(arch, dtype="float32"):
     names = {f.name for f in dataclasses.fields(cls.config_class)}
     small = dict(d_model=32, n_layers=2, n_heads=2, attn_block=16, window=8, enc_layers=1, dec_layers=1,
                  d_concept=32, bb_layers=1, bb_heads=2, cross_heads=2, d_scan=16, tie_embeddings=False,
-                 scan_chunk=8, dtype=dtype)
+                 scan_chunk=8, scan_inner="assoc", dtype=dtype)
     return cls(cls.config_class(**{k: v for k, v in small.items() if k in names}), rngs=nnx.Rngs(2))
 
 
