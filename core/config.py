@@ -55,6 +55,22 @@ class TrainConfig:
     # 0 means run to `steps`; used to stop-and-resume without changing the schedule.
     stop_after: int = 0
 
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
+        for key in ("warmup_steps", "stop_after"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0; got {getattr(self, key)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay}")
+        for key in ("b1", "b2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be in [0, 1); got {getattr(self, key)}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0; got {self.grad_clip}")
+
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -65,6 +81,19 @@ class DecodeConfig:
     top_p: float = 1.0
     sam_max_tokens: int = 0  # 0: index the whole training split
 
+    def validate(self) -> None:
+        for key in ("max_len", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1; got {getattr(self, key)}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy); got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off); got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.sam_max_tokens < 0:
+            raise ValueError(f"sam_max_tokens must be >= 0 (0: the whole training split); got {self.sam_max_tokens}")
+
 
 @dataclass(frozen=True)
 class MeshConfig:
@@ -72,6 +101,11 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+    def validate(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"mesh sizes must be >= 1, with at most one -1 (the remaining devices); got {sizes}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +198,10 @@ def from_dict(raw: dict, name: str) -> Config:
     unknown = set(raw) - {"model", *SECTIONS}
     if unknown:
         raise UserError(f"unknown section [{sorted(unknown)[0]}]; valid: model, {', '.join(SECTIONS)}")
+    for section in ("model", *SECTIONS):
+        if not isinstance(raw.get(section, {}), dict):
+            raise UserError(f"got {section} = {raw[section]!r}; {section} must be a table [{section}] of "
+                            f"key = value lines")
     model_raw = dict(raw.get("model", {}))
     arch = model_raw.get("arch")
     if arch not in MODEL_CONFIGS:
@@ -182,6 +220,10 @@ def from_dict(raw: dict, name: str) -> Config:
             raise UserError(f"train.{key} must be >= 1; got {getattr(cfg.train, key)}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1); got {cfg.data.val_fraction}")
+    window = getattr(cfg.model, "window", None)
+    if isinstance(window, int) and window > cfg.decode.max_len:
+        raise UserError(f"model.window {window} is larger than the decode cache (decode.max_len "
+                        f"{cfg.decode.max_len}); valid: window <= max_len")
     vocab = tokenizer_vocab_size(cfg.data.tokenizer)
     if vocab > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size {cfg.model.vocab_size} < vocabulary {vocab} of tokenizer "

@@ -77,11 +77,9 @@ def test_flops_per_token_is_dense_plus_attention():
         assert m.flops_per_token(seq) == 6.0 * dense + 12.0 * CFG.n_layers * seq * CFG.n_heads * hd
 
 
-def test_bf16_compute_runs_and_stays_close():
-    m32 = _model()
-    m16 = DecoderLM(DecoderConfig(**{**CFG.__dict__, "dtype": "bfloat16"}), rngs=nnx.Rngs(0))
-    x = _tokens(1, 16)
-    a, _ = m32(x)
-    b, _ = m16(x)
-    assert b.dtype == jnp.float32
-    assert float(jnp.mean(jnp.abs(jax.nn.softmax(a) - jax.nn.softmax(b)))) < 5e-3
+def test_bf16_compute_agrees_with_fp32():
+    """Top-1 agreement and max |Δ log p| (tests/test_bf16.py), bounds that an unrelated model fails; the
+    full forward and the cached extend."""
+    from tests.test_bf16 import check_bf16
+
+    check_bf16(DecoderLM, CFG, _model(), _tokens(2, 128), 128, "decoder")

@@ -1,12 +1,19 @@
 """The training loop: a jitted, donated step that is a pure function of (state, batch), periodic validation
-in bits per byte, async orbax checkpoints, resume, and a stop on non-finite loss."""
+in bits per byte, async orbax checkpoints, resume, and a stop on non-finite loss.
+
+The driver's fault handling (docs/ARCHITECTURE.md, "Faults and checkpoint integrity"): SIGTERM / SIGINT save the
+current step and stop (Stopped, exit 128 + signal); a resume starts from the newest intact checkpoint
+(core.checkpoint.resume); the run directory is checked writable before anything is built; a non-finite loss
+or parameter stops the run naming the step, and a failed save names the last good checkpoint."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from core import checkpoint
+from core import checkpoint, faults
 from core.config import Config, load_config, save_config, to_dict
 from core.data import Corpus, eval_batches, get_batch, prefix_lengths
 from core.errors import ArgumentParser, UserError, cli
@@ -30,6 +37,41 @@ LN2 = math.log(2.0)
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Stopped(Exception):
+    """SIGTERM / SIGINT stopped the run after saving its current step; rerunning the same command resumes."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopSignals:
+    """While active (main thread only), the first SIGTERM or SIGINT only sets `signum`: the loop saves the
+    current step and stops at the next step boundary. A second one acts as it would have (kills / interrupts)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            for s, old in self._old.items():
+                signal.signal(s, old)
+        return False
 
 
 def lr_schedule(cfg) -> optax.Schedule:
@@ -130,8 +172,54 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def check_writable(run_dir: Path) -> None:
+    """UserError unless run_dir (or, before it exists, its nearest existing ancestor) is writable: a read-only
+    file system or directory is known before anything is compiled (access(2): EROFS holds for root too).
+    Nothing is written."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"run directory {run_dir} cannot be created: {probe} is not a directory")
+    for d in (probe, run_dir / "checkpoints"):
+        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+            raise UserError(f"run directory {run_dir} is not writable ({d}); use a writable --run-dir")
+
+
+def _trim_metrics(path: Path, start: int) -> None:
+    """On resume from `start`, drop records of later steps that a killed run logged (they are logged again)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) > start:
+                continue
+        except ValueError:  # a line cut by the kill
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def _unreadable(sources) -> str | None:
+    """The first file of the corpus that cannot be read (for the error message)."""
+    from core.data import resolve_sources
+    for _, path in resolve_sources(sources):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError:
+            return str(path)
+    return None
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
     """Validate an existing run directory against cfg. Returns True when resuming."""
+    check_writable(run_dir)
     saved_path = run_dir / "config.toml"
     if not saved_path.exists():
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -148,12 +236,23 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
 
 
 def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
-    """Train (or resume) cfg in run_dir. Returns a summary dict."""
+    """Train (or resume) cfg in run_dir. Returns a summary dict. Raises Stopped after a SIGTERM / SIGINT
+    (the current step saved), NonFiniteLoss / checkpoint.NonFiniteParams when the run diverges, and
+    checkpoint.SaveFailed when a checkpoint cannot be written."""
+    with _StopSignals() as stop:
+        return _train(cfg, run_dir, log=log, stop=stop)
+
+
+def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     resuming = prepare_run_dir(cfg, run_dir)
     tok = get_tokenizer(cfg.data)  # the name and vocabulary size were checked with the config
-    corpus = Corpus.open(cfg.data, tok)
+    try:
+        corpus = Corpus.open(cfg.data, tok)
+    except OSError as e:  # a file in data.sources that cannot be read (the partial token cache is removed)
+        raise UserError(f"cannot read the corpus: {_unreadable(cfg.data.sources) or e.filename}: "
+                        f"{e.strerror or e}; every file matched by data.sources must be readable") from None
     mesh = make_mesh(cfg.mesh)
     shards = batch_shards(mesh)
     if cfg.data.batch_size % shards or cfg.data.batch_size % jax.process_count():
@@ -182,14 +281,10 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
         log = lambda *_: None  # noqa: E731  (one process speaks and writes the run's text files)
     mngr, start = None, 0
     if resuming and (run_dir / "checkpoints").is_dir():  # restored first: a checkpoint that cannot be resumed
-        mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)  # is refused before any write
-        try:
-            if mngr.latest_step() is not None:
-                start = mngr.latest_step()
-                state = jax.device_put(checkpoint.restore(mngr, start, state), state_sh)
-        except BaseException:
-            mngr.close()
-            raise
+        # is refused before any write; a damaged newest step falls back to the one before (one line each)
+        mngr, start, restored = checkpoint.resume(run_dir, state, cfg, keep=cfg.train.keep_checkpoints, log=log)
+        if start:
+            state = jax.device_put(restored, state_sh)
     # Only now, with the config, corpus, model and checkpoint known good, does the run directory get written.
     run_dir.mkdir(parents=True, exist_ok=True)
     if lead:
@@ -198,6 +293,8 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
         mngr = checkpoint.manager(run_dir, keep=cfg.train.keep_checkpoints)
     if start:
         log(f"resumed from step {start} in {run_dir}")
+    if resuming and lead:
+        _trim_metrics(run_dir / "metrics.jsonl", start)
     end = cfg.train.steps if not cfg.train.stop_after else min(cfg.train.steps, cfg.train.stop_after)
 
     log(f"{cfg.name}: {cfg.model.arch}, {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
@@ -217,11 +314,13 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
         return (jax.make_array_from_process_local_data(data_sh, toks),
                 jax.make_array_from_process_local_data(data_sh, pre))
 
-    def evaluate(params) -> float:
+    def evaluate(params, step) -> float:
         tot, nb = 0.0, 0.0
-        for b in val:
+        for i, b in enumerate(val):
             s, n = trainer.eval_step(params, jax.device_put(b, data_sh))
             tot, nb = tot + float(s), nb + float(n)
+            if i == 0:
+                faults.pause("eval", step, lambda: stop.signum is not None)
         return tot / max(nb, 1.0) / LN2
 
     summary = {"name": cfg.name, "arch": cfg.model.arch, "params": int(n_params), "start_step": start}
@@ -234,21 +333,43 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
         nonlocal last, t_first
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            # The loss of step s is computed from the state saved as step s - 1: that checkpoint (and any later)
+            # led to the divergence, so it is set aside and is not what a rerun resumes from.
+            try:
+                mngr.wait_until_finished()
+            except Exception:  # a failed save is not what this message is about
+                pass
+            moved = checkpoint.set_aside(run_dir, step_done - 1) if lead else []
+            note = (f"checkpoint{'s' if len(moved) > 1 else ''} {', '.join(map(str, moved))} (the state that "
+                    f"diverged) moved to {checkpoint.DAMAGED}/; " if moved else "")
             raise NonFiniteLoss(f"non-finite loss {m['loss']} / grad-norm {m['grad_norm']} at step {step_done}; "
-                                f"stopped, last good checkpoint: {mngr.latest_step()}")
+                                f"stopped; {note}last good checkpoint: {checkpoint._last_good(run_dir)}")
         if t_first is None:
             t_first = time.perf_counter() - t_start
             summary["time_to_first_step_s"] = round(t_first, 2)
         last = m
         return m
 
+    saved = start  # the newest step saved (or being saved) by this process
     try:
         step = start
         while step < end:
+            if stop.signum is not None:  # preemption: save this step, then stop
+                if pending is not None:
+                    finish(*pending)
+                    pending = None
+                if step > saved:
+                    checkpoint.save(mngr, step, state, cfg)
+                    saved = step
+                checkpoint.wait(mngr)
+                name = signal.Signals(stop.signum).name
+                raise Stopped(stop.signum, f"stopped by {name} at step {step}: checkpoint {saved} saved in "
+                                           f"{run_dir}; rerun the same command to resume")
             toks, pre = device_batch(step)
             state, m = trainer.train_step(state, toks, pre)
             step += 1
             n_window += 1
+            faults.pause("step", step, lambda: stop.signum is not None)
             if pending is not None:
                 finish(*pending)
             pending = (step, m)
@@ -271,19 +392,24 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
                     t_window, n_window = time.perf_counter(), 0
                 if is_eval:
                     t_e = time.perf_counter()
-                    record["val_bpb"] = evaluate(state["params"])
+                    record["val_bpb"] = evaluate(state["params"], step)
                     summary["val_bpb"] = record["val_bpb"]
                     log(f"step {step:6d} | val bits/byte {record['val_bpb']:.4f}")
                     t_window += time.perf_counter() - t_e
                 if is_ckpt:
                     checkpoint.save(mngr, step, state, cfg)
+                    saved = step
                 metrics_f.write(json.dumps(record) + "\n")
                 metrics_f.flush()
         if pending is not None:
             finish(*pending)
+        checkpoint.wait(mngr)  # a failed last save is an error of this run
     finally:
-        mngr.wait_until_finished()
-        mngr.close()
+        try:
+            mngr.wait_until_finished()
+            mngr.close()
+        except Exception:  # already reported (or being raised) as SaveFailed
+            pass
         metrics_f.close()
     summary.update({"final_step": end, "loss": last.get("loss"), "wall_s": round(time.perf_counter() - t_start, 2)})
     if lead:
@@ -327,8 +453,11 @@ def main(argv=None) -> int:
         init_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
         summary = train(cfg, run_dir)
-    except NonFiniteLoss as e:  # not a user error: the run itself diverged (exit 1)
-        print(f"error: {e}", file=sys.stderr)
+    except (NonFiniteLoss, checkpoint.NonFiniteParams, checkpoint.SaveFailed) as e:
+        print(f"error: {e}", file=sys.stderr)  # not a user error: the run diverged or the disk failed (exit 1)
         return 1
+    except Stopped as e:  # preempted: the current step is saved
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     print(json.dumps(summary))
     return 0
