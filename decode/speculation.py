@@ -80,8 +80,10 @@ class SpeculativeRun:
     """
 
     def __init__(self, req: Request, drafters, *, max_verify: int, pad_id: int, vocab_size: int, observe_k: int,
-                 first, n0, done0, prompt_topk):
+                 first, n0, done0, prompt_topk, on_tokens=None):
         self.req, self.drafters, self.observe_k = req, drafters, observe_k
+        self.on_tokens = on_tokens  # on_tokens(row, new ids) as rows emit (streaming); its errors end the run
+        self.stops_arr = np.asarray(sorted(int(s) for s in req.stop_S if s >= 0), np.int64)
         # Only drafters that declare `observes` get the top-k ids (observe_k is 0 when none does).
         self.observes = [bool(observe_k) and d.observes for d in drafters]
         self.kmax, self.pad_id, self.vocab_size = int(max_verify), int(pad_id), int(vocab_size)
@@ -104,6 +106,9 @@ class SpeculativeRun:
                 d.observe(p, prompt_topk[i, :len(p)])
             d.accept(np.asarray(self.emitted[i], np.int32))
         self.draft_s = time.perf_counter() - td
+        if on_tokens is not None:
+            for i in range(req.n_real):
+                on_tokens(i, np.asarray(self.emitted[i], np.int32))
 
     def drafts(self):
         """(inputs [B, kmax+1] = pending then draft, draft lengths [B], live [B]) for the next verify step."""
@@ -140,16 +145,18 @@ class SpeculativeRun:
         for i in np.flatnonzero(self.live):
             new = out_BxKm[i, :counts_B[i]]
             new = new[:int(max_new[i]) - len(self.emitted[i])]
-            hit = [j for j, t in enumerate(new) if int(t) in self.stops]
-            if hit:
+            hit = np.flatnonzero(np.isin(new, self.stops_arr)) if self.stops_arr.size else ()
+            if len(hit):
                 new = new[:hit[0] + 1]
-            self.emitted[i].extend(int(t) for t in new)
+            self.emitted[i].extend(new.tolist())
             self.steps[i] += 1
             self.pending[i] = new[-1]
-            if hit or len(self.emitted[i]) >= max_new[i]:
+            if len(hit) or len(self.emitted[i]) >= max_new[i]:
                 self.live[i] = False
             if self.observes[i]:
                 n = self.draft_len[i] + 1
                 self.drafters[i].observe(self.inputs[i, :n], topk_BxKmxO[i, :n])
             self.drafters[i].accept(new)
+            if self.on_tokens is not None:
+                self.on_tokens(i, new)
         self.draft_s += time.perf_counter() - td
