@@ -183,7 +183,7 @@ class Engine:
         decode_s = time.perf_counter() - t0
         n = req.n_real
         return Result([np.asarray(e, np.int32) for e in run.emitted[:n]], [len(p) for p in prompts], run.steps[:n],
-                      prefill_s, decode_s, run.calls, run.draft_s)
+                      prefill_s, decode_s, run.calls, run.draft_s, host_s=run.host_s)
 
     def verify_cost(self, batch_size: int = 1, **kw):
         """The measured cost of a speculative step per verify size at this batch size (a VerifyCost, in

@@ -56,10 +56,13 @@ class Host:
 
     def step(self, emitted):
         """[out (K+1) | count | top-k ids] per row in, [inputs | length | live] out."""
+        t0 = time.perf_counter()
         e = np.asarray(emitted)
         km = self.km
         inputs, draft_len, live = self.run.step(e[:, :km], e[:, km], e[:, km + 1:].reshape(len(e), km, -1))
-        return np.concatenate([inputs, draft_len[:, None], live[:, None]], axis=1, dtype=np.int32)
+        out = np.concatenate([inputs, draft_len[:, None], live[:, None]], axis=1, dtype=np.int32)
+        self.run.host_s += time.perf_counter() - t0
+        return out
 
     @contextlib.contextmanager
     def serving(self, run: "SpeculativeRun"):
@@ -95,6 +98,7 @@ class SpeculativeRun:
         self.pending = first.astype(np.int32)
         self.steps = [0] * b
         self.calls = 0
+        self.host_s = 0.0  # wall time inside the host callback (drafting included)
         self.error: BaseException | None = None
         self.inputs = np.full((b, self.kmax + 1), self.pad_id, np.int32)
         self.draft_len = np.zeros(b, np.int32)
