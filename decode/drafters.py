@@ -9,9 +9,19 @@ Protocol (the engine calls, per row):
   ids there [n, k] (best first), called only when the drafter declares `observes` (Token Recycling): the
   engine computes the top-k ids only when some row's drafter observes.
 
-Draft length is the drafter's call: it grows with the match length, which predicts acceptance. The
-DraftPolicy defaults suit CPU, where verifying 8 tokens costs about twice verifying 1; accelerators can
-raise `alpha` and `max_len` (SAM-Decoding used chains of up to 40).
+Draft length is the drafter's call. Two rules (`DraftPolicy.rule`):
+- "cost" (the default for sam and sam+recycle): every candidate source (the dynamic automaton, the static
+  one, the auxiliary drafter) is scored by expected tokens per unit of verify cost, and the best draft
+  length of the best source wins, or no draft when a plain step pays more. Verify cost per size comes from
+  a `VerifyCost` table (measured once by `Engine.verify_cost()`); the acceptance of a source at a match
+  length is estimated online from what the request has accepted so far (`Acceptance`). So a dynamic match
+  of 1-3 tokens drafts when its measured acceptance pays for the verify, which the paper's threshold never
+  lets it do; the dynamic draft copies the continuation of the MOST RECENT earlier occurrence of the
+  match, as prompt lookup does (the automaton gives the match length, which is at least pld's n-gram).
+- "paper": SAM-Decoding's selection as published: static lowered by l_bias, the longer of the two must
+  reach l_threshold (ties to dynamic), else the auxiliary drafter; length clip(alpha * L, min_len, max_len).
+Prompt lookup (pld) keeps its own published rule (the alpha sizing) in both cases. The alpha defaults suit
+CPU; accelerators can raise `alpha` and `max_len` (SAM-Decoding used chains of up to 40).
 """
 
 from __future__ import annotations
@@ -25,6 +35,101 @@ import numpy as np
 from decode.sam import Cursor, DynamicMatcher, SuffixAutomaton
 
 _EMPTY = np.zeros(0, np.int32)
+
+
+RULES = ("cost", "paper")
+SOURCES = ("dynamic", "static", "aux")
+_LEN_BUCKETS = 8  # match lengths 1..7 each, then 8+
+
+
+@dataclass(frozen=True)
+class VerifyCost:
+    """Cost of one verify step per verify size (any unit; seconds when measured). `of(n)` is the cost of
+    verifying an n-token draft: the smallest compiled size that holds it."""
+
+    sizes: tuple
+    cost: tuple
+
+    def __post_init__(self):
+        if len(self.sizes) != len(self.cost) or not self.sizes or list(self.sizes) != sorted(self.sizes):
+            raise ValueError(f"VerifyCost needs sorted sizes and one cost each; got {self.sizes}, {self.cost}")
+        if self.sizes[0] != 0 or min(self.cost) <= 0:
+            raise ValueError(f"VerifyCost needs size 0 (a plain step) and positive costs; got {self.sizes}, "
+                             f"{self.cost}")
+
+    @classmethod
+    def default(cls, sizes=(0, 1, 2, 4, 8, 16)) -> "VerifyCost":
+        """Before any measurement: a 2-core CPU's shape for the tiny models (1 + k/8 plain steps)."""
+        sizes = tuple(sorted({0} | set(int(k) for k in sizes)))
+        return cls(sizes, tuple(1.0 + k / 8 for k in sizes))
+
+    @property
+    def max_size(self) -> int:
+        return int(self.sizes[-1])
+
+    def of(self, n: int) -> float:
+        for k, c in zip(self.sizes, self.cost):
+            if k >= n:
+                return float(c)
+        return float(self.cost[-1])
+
+    def relative(self) -> dict:
+        """{size: cost / cost of a plain step}."""
+        return {int(k): float(c) / float(self.cost[0]) for k, c in zip(self.sizes, self.cost)}
+
+
+class Acceptance:
+    """Per-token acceptance rate of each (source, match length) seen in this request, with a prior.
+
+    A draft of n tokens from a source whose rate is a yields a + a^2 + ... + a^n accepted tokens in
+    expectation (each token is accepted only after all before it). `record(source, length, n, accepted)`
+    updates the counts: `accepted` successes and one failure unless the whole draft was accepted. The prior
+    (`prior_weight` pseudo-observations at `prior(source, length)`) decides until the request has spoken.
+    """
+
+    def __init__(self, prior_weight: float = 2.0):
+        self.w = float(prior_weight)
+        self.hit = np.zeros((len(SOURCES), _LEN_BUCKETS + 1))
+        self.miss = np.zeros((len(SOURCES), _LEN_BUCKETS + 1))
+
+    @staticmethod
+    def bucket(length: int) -> int:
+        return int(min(max(length, 0), _LEN_BUCKETS))
+
+    @staticmethod
+    def prior(source: int, length: int) -> float:
+        # Longer matches are likelier to continue; an auxiliary chain (no match) starts at one half.
+        if SOURCES[source] == "aux":
+            return 0.5
+        return length / (length + 2.0)
+
+    def rate(self, source: int, length: int) -> float:
+        b = self.bucket(length)
+        p = self.prior(source, length)
+        return (self.hit[source, b] + self.w * p) / (self.hit[source, b] + self.miss[source, b] + self.w)
+
+    def record(self, source: int, length: int, n: int, accepted: int) -> None:
+        b = self.bucket(length)
+        self.hit[source, b] += accepted
+        self.miss[source, b] += accepted < n
+
+    def reset(self) -> None:
+        self.hit[:] = 0
+        self.miss[:] = 0
+
+
+def best_length(rate: float, available: int, k: int, cost: VerifyCost) -> tuple[int, float]:
+    """(n, value): the draft length n <= min(available, k) that maximises expected tokens emitted per unit
+    of verify cost, (1 + a + ... + a^n) / cost.of(n), and that value; n = 0 is a plain step."""
+    best_n, best_v = 0, 1.0 / cost.of(0)
+    expected, term = 1.0, 1.0
+    for n in range(1, min(available, k, cost.max_size) + 1):
+        term *= rate
+        expected += term
+        v = expected / cost.of(n)
+        if v > best_v * (1 + 1e-9):
+            best_n, best_v = n, v
+    return best_n, best_v
 
 
 @dataclass(frozen=True)
@@ -44,8 +149,12 @@ class DraftPolicy:
     # Token Recycling: successors kept per token and the length of its greedy chain.
     recycle_k: int = 8
     aux_len: int = 3
+    # sam's selection rule: "cost" (expected tokens per verify cost) or "paper" (l_threshold / l_bias).
+    rule: str = "cost"
 
     def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown draft rule {self.rule!r}; valid: {', '.join(RULES)}")
         if self.alpha <= 0 or self.min_len < 1 or self.max_len < self.min_len:
             raise ValueError(f"draft policy needs alpha > 0 and 1 <= min_len <= max_len; got alpha={self.alpha}, "
                              f"min_len={self.min_len}, max_len={self.max_len}")
@@ -139,6 +248,21 @@ def _prompt_lookup(ctx, n, max_ngram, max_match):
                     length += 1
                 return length, i + g
     return 0, 0
+
+
+@numba.njit(cache=True)
+def _recent_occurrence(ctx, n, g):
+    """Start of what followed the most recent earlier occurrence of ctx[n-g:n] (-1 if none): the
+    position right after an occurrence ending before n."""
+    for i in range(n - g - 1, -1, -1):
+        ok = True
+        for j in range(g):
+            if ctx[i + j] != ctx[n - g + j]:
+                ok = False
+                break
+        if ok:
+            return i + g
+    return -1
 
 
 class PromptLookupDrafter(Drafter):
@@ -237,18 +361,25 @@ class RecycleDrafter(Drafter):
 
 class SAMDrafter(Drafter):
     """SAM-Decoding: a static automaton over the training corpus (optional) and a dynamic one over the
-    request; the better match (static lowered by l_bias, ties to dynamic) drafts its continuation when it
-    reaches l_threshold, otherwise the auxiliary drafter (if any) does."""
+    request. With `policy.rule == "paper"` the better match (static lowered by l_bias, ties to dynamic)
+    drafts its continuation when it reaches l_threshold, otherwise the auxiliary drafter (if any) does.
+    With "cost" (the default) each source's best draft is scored by expected tokens per unit of verify cost
+    (`cost`, a VerifyCost; acceptance learnt online in `acceptance`) and the best one drafts, if it beats
+    a plain step."""
 
     name = "sam"
+    MAX_RECENT = 32  # longest suffix searched for its most recent occurrence (the scan costs O(context * g))
 
     def __init__(self, static_sam: SuffixAutomaton | None = None, policy: DraftPolicy | None = None,
-                 aux: Drafter | None = None):
+                 aux: Drafter | None = None, cost: VerifyCost | None = None):
         super().__init__(policy)
         self.static = static_sam
         self.static_cursor: Cursor | None = static_sam.cursor() if static_sam is not None else None
         self.dynamic = DynamicMatcher()
         self.aux = aux
+        self.cost = cost or VerifyCost.default()
+        self.acceptance = Acceptance()
+        self._last = None  # (source index, match length, drafted tokens) of the last draft, for `accept`
 
     @property
     def observes(self) -> bool:
@@ -256,6 +387,8 @@ class SAMDrafter(Drafter):
 
     def reset(self, prompt_tokens: np.ndarray) -> None:
         super().reset(prompt_tokens)
+        self.acceptance.reset()
+        self._last = None
         self.dynamic.reset(prompt_tokens)
         if self.static_cursor is not None:
             self.static_cursor.reset()
@@ -264,6 +397,14 @@ class SAMDrafter(Drafter):
             self.aux.reset(prompt_tokens)
 
     def accept(self, tokens: np.ndarray) -> None:
+        if self._last is not None:
+            source, length, drafted = self._last
+            self._last = None
+            tokens_ = np.asarray(tokens).reshape(-1)
+            m = min(len(drafted), len(tokens_))
+            acc = int(np.argmin(np.append(drafted[:m] == tokens_[:m], False)))  # common prefix
+            # a draft cut by a stop id or the budget is no evidence of a rejection
+            self.acceptance.record(source, length, len(drafted) if acc < len(tokens_) else acc, acc)
         self.dynamic.commit(tokens)
         if self.static_cursor is not None:
             self.static_cursor.advance_many(tokens)
@@ -280,6 +421,44 @@ class SAMDrafter(Drafter):
         return self.dynamic.cursor.length, l_static
 
     def draft(self, k: int) -> np.ndarray:
+        if self.policy.rule == "cost":
+            return self._draft_cost(k)
+        return self._draft_paper(k)
+
+    def _draft_cost(self, k: int) -> np.ndarray:
+        """The source and length with the most expected tokens per unit of verify cost (or nothing)."""
+        k = min(k, self.policy.max_len)
+        acc, cost = self.acceptance, self.cost
+        best = (0, 1.0 / cost.of(0), None, 0, None)  # n, value, source, match length, tokens
+        l_dyn, l_static = self.matches()
+        if l_dyn > 0 and k > 0:
+            toks, n_tok = self.dynamic.tokens, self.dynamic.sam.n_tokens
+            start = _recent_occurrence(toks, n_tok, min(l_dyn, self.MAX_RECENT))
+            if start >= 0:
+                n, v = best_length(acc.rate(0, l_dyn), n_tok - start, k, cost)
+                if n and v > best[1]:
+                    best = (n, v, 0, l_dyn, lambda n, s=start: self.dynamic.sam.continuation(s, n))
+        if l_static > 0 and k > 0:
+            _, end = self.static_cursor.match
+            n, v = best_length(acc.rate(1, l_static), self.static.n_tokens - end, k, cost)
+            if n and v > best[1]:
+                best = (n, v, 1, l_static, lambda n, e=end: self.static.continuation(e, n))
+        if self.aux is not None and k > 0:
+            chain = self.aux.draft(k)
+            n, v = best_length(acc.rate(2, 0), len(chain), k, cost)
+            if n and v > best[1]:
+                best = (n, v, 2, 0, lambda n, c=chain: c[:n])
+        n, _, source, length, take = best
+        self.last_match_len = max(l_dyn, l_static)
+        if not n:
+            self.last_source = "none"
+            return _EMPTY
+        out = np.asarray(take(n), np.int32)
+        self.last_source = "recycle" if source == 2 else SOURCES[source]
+        self._last = (source, length, out)
+        return out
+
+    def _draft_paper(self, k: int) -> np.ndarray:
         p = self.policy
         l_dyn, l_static = self.matches()
         l_static_eff = l_static - p.l_bias
@@ -308,9 +487,10 @@ DRAFTERS = ("none", "pld", "recycle", "sam", "sam+recycle")
 
 
 def make_drafter(name: str, *, vocab_size: int, static_sam: SuffixAutomaton | None = None,
-                 **policy) -> Drafter:
+                 cost: VerifyCost | None = None, **policy) -> Drafter:
     """A fresh per-row drafter. `policy` overrides DraftPolicy fields (e.g. alpha=4, max_len=40 on an
-    accelerator)."""
+    accelerator; rule="paper" for SAM-Decoding's published selection). `cost` is the engine's measured
+    verify cost table (Engine.verify_cost()) that sam's "cost" rule sizes drafts by."""
     fields = {f.name for f in dataclasses.fields(DraftPolicy)}
     unknown = sorted(set(policy) - fields)
     if unknown:
@@ -323,7 +503,7 @@ def make_drafter(name: str, *, vocab_size: int, static_sam: SuffixAutomaton | No
     if name == "recycle":
         return RecycleDrafter(vocab_size, pol)
     if name == "sam":
-        return SAMDrafter(static_sam, pol)
+        return SAMDrafter(static_sam, pol, cost=cost)
     if name == "sam+recycle":
-        return SAMDrafter(static_sam, pol, aux=RecycleDrafter(vocab_size, pol))
+        return SAMDrafter(static_sam, pol, aux=RecycleDrafter(vocab_size, pol), cost=cost)
     raise ValueError(f"unknown drafter {name!r}; valid: {', '.join(DRAFTERS)}")

@@ -26,7 +26,18 @@ from decode.speculation import Host, SpeculativeRun, observing
 
 VERIFY_SIZES = (0, 1, 2, 4, 8, 16)  # 0: no draft this step, a plain step inside the loop
 
-__all__ = ["Engine", "Result", "VERIFY_SIZES", "engine_for_run"]
+__all__ = ["Engine", "Result", "VERIFY_SIZES", "engine_for_run", "default_max_draft", "verify_sizes_for"]
+
+
+def default_max_draft() -> int:
+    """Measured on the 26M decoder, 2-core CPU: max draft 4 gave 2.5x (sam) against 1.4x with 8, because a
+    K=8 verify costs ~3.5 plain steps there; on an H100 a K=16 verify costs about one plain step."""
+    return 4 if jax.default_backend() == "cpu" else 16
+
+
+def verify_sizes_for(max_draft: int) -> tuple:
+    """0 (no draft: a plain step), then powers of two below max_draft, and max_draft."""
+    return tuple(sorted({0} | {1 << i for i in range(max_draft.bit_length()) if 1 << i < max_draft} | {max_draft}))
 
 
 class Engine:
@@ -62,6 +73,7 @@ class Engine:
         self._loops = Loops(graphdef, params_def, max_len=self.max_len, pad_id=self.pad_id,
                             verify_sizes=self.verify_sizes, prefix_prompt=self.prefix_prompt,
                             host_call=self._host.call)
+        self._verify_cost: dict = {}  # batch size -> VerifyCost, measured once (verify_cost)
 
     # The limits, as attributes of the engine (tests and the CLIs read them).
     max_len = property(lambda self: self.limits.max_len)
@@ -130,7 +142,7 @@ class Engine:
 
     # ---- speculative decoding ----------------------------------------------------------------------
     def generate_speculative(self, prompts, drafters, *, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
-                             seed=0, stop_ids=None, batch_size=None) -> Result:
+                             seed=0, stop_ids=None, batch_size=None, on_tokens=None) -> Result:
         """Speculative decoding with one drafter per prompt (decode.drafters: reset/draft/accept, and
         observe for drafters whose `observes` is true).
 
@@ -138,7 +150,9 @@ class Engine:
         minus one), the step verifies [pending, draft...] for all rows at the smallest verify size that holds
         the longest draft. Greedy rows reproduce plain greedy decoding exactly; sampling rows follow the
         target distribution (see decode.sampling.accept). The steps run in one jitted loop that calls the
-        host between steps, so an Engine serves one speculative request at a time.
+        host between steps, so an Engine serves one speculative request at a time. `on_tokens(row, ids)`,
+        if given, receives each row's new tokens as they become final (the first from prefill, then every
+        verify step, from inside the loop's host callback): streaming.
         """
         req = self._prepare(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_ids=stop_ids, batch_size=batch_size)
@@ -158,7 +172,7 @@ class Engine:
         t0 = time.perf_counter()
         run = SpeculativeRun(req, drafters, max_verify=self.verify_sizes[-1], pad_id=self.pad_id,
                              vocab_size=self.vocab_size, observe_k=observe_k, first=first, n0=n0, done0=done0,
-                             prompt_topk=topk_BxSxk)
+                             prompt_topk=topk_BxSxk, on_tokens=on_tokens)
         inputs, draft_len, live = run.drafts()
         with self._host.serving(run):
             final = self._loops.speculate(self.params, cache, inputs, draft_len, live, np.int32(req.max_new_B.max()),
@@ -169,7 +183,15 @@ class Engine:
         decode_s = time.perf_counter() - t0
         n = req.n_real
         return Result([np.asarray(e, np.int32) for e in run.emitted[:n]], [len(p) for p in prompts], run.steps[:n],
-                      prefill_s, decode_s, run.calls, run.draft_s)
+                      prefill_s, decode_s, run.calls, run.draft_s, host_s=run.host_s)
+
+    def verify_cost(self, batch_size: int = 1, **kw):
+        """The measured cost of a speculative step per verify size at this batch size (a VerifyCost, in
+        CPU seconds), measured once per engine and batch size (about 150 steps per size; `kw`: see
+        measure_verify_cost). The "cost" draft rule sizes drafts by it."""
+        if batch_size not in self._verify_cost:
+            self._verify_cost[batch_size] = measure_verify_cost(self, batch_size=batch_size, **kw)
+        return self._verify_cost[batch_size]
 
     # ---- compile ahead of timing -------------------------------------------------------------------
     def warmup(self, batch_size: int, prompt_len: int, *, speculative: bool = False,
@@ -186,6 +208,61 @@ class Engine:
             for obs in observe:
                 self.generate_speculative(prompts, [Drafter(observes=bool(obs)) for _ in prompts],
                                           max_new_tokens=2, stop_ids=())
+
+
+class _FixedDraft:
+    """Drafts k copies of token 0 every step (all rejected but by chance): a verify step of size k."""
+
+    observes = False
+
+    def __init__(self, k: int):
+        self.k = k
+        self.draft_ = np.zeros(k, np.int32)
+
+    def reset(self, prompt):
+        pass
+
+    def draft(self, k):
+        return self.draft_[:k]
+
+    def accept(self, tokens):
+        pass
+
+    def observe(self, inputs, topk):
+        pass
+
+
+def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: int = 64, steps: int = 12,
+                        rounds: int = 3):
+    """Cost of one speculative-loop step at each verify size (size 0: a plain step inside the loop), in CPU
+    seconds of this process: the median of `rounds` interleaved rounds after one untimed round (which
+    compiles what is missing). Each round runs `steps` and 2 * `steps` verify steps and keeps the difference,
+    so prefill and the fixed cost of a request cancel. CPU time rather than wall time, because on a shared
+    machine the wall time of a step is mostly waiting for a core (measured with 8 agents on 2 cores: wall
+    ratios of 3.8x for a step that costs 1.3x); then a size never costs more than a larger one (a spike
+    is noise: the larger verify does strictly more work)."""
+    from decode.drafters import VerifyCost
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, min(engine.vocab_size, 256), prompt_len).astype(np.int32) for _ in range(batch_size)]
+    kmax = engine.verify_sizes[-1]
+    sizes = tuple(sorted({0} | set(engine.verify_sizes)))
+    samples: dict = {k: [] for k in sizes}
+
+    def cpu(k, n):
+        c0 = time.process_time()
+        res = engine.generate_speculative(prompts, [_FixedDraft(k) for _ in prompts], max_new_tokens=n + kmax + 1,
+                                          stop_ids=(), batch_size=batch_size)
+        return time.process_time() - c0, res.verify_calls
+
+    for r in range(rounds + 1):
+        for k in sizes:
+            (c1, n1), (c2, n2) = cpu(k, steps), cpu(k, 2 * steps)
+            if r:
+                samples[k].append(max(c2 - c1, 1e-9) / max(n2 - n1, 1))
+    med = [float(np.median(samples[k])) for k in sizes]
+    iso = [min(med[i:]) for i in range(len(med))]  # non-decreasing in size
+    return VerifyCost(sizes, tuple(iso))
 
 
 def engine_for_run(run_dir, *, step: int | None = None, prefix: bool | None = None, **kw):

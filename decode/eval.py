@@ -41,11 +41,15 @@ def static_automaton(sam_dir: Path, cfg, tok):
 
 
 def default_max_draft() -> int:
-    """Measured on the 26M decoder, 2-core CPU: max draft 4 gave 2.5x (sam) against 1.4x with 8, because a
-    K=8 verify costs ~3.5 plain steps there; on an H100 a K=16 verify costs about one plain step."""
-    import jax
+    from decode.engine import default_max_draft as d  # jax loads only once a run is decoded
 
-    return 4 if jax.default_backend() == "cpu" else 16
+    return d()
+
+
+def verify_sizes_for(max_draft: int) -> tuple:
+    from decode.engine import verify_sizes_for as v
+
+    return v(max_draft)
 
 
 def warm_drafter(drafter, prompt, k: int) -> None:
@@ -109,6 +113,8 @@ def main(argv=None) -> int:
                     "engine compiles verify steps for powers of two below it and for it")
     ap.add_argument("--prefix", action=argparse.BooleanOptionalAction, default=None,
                     help="read prompts as a bidirectional prefix (default: iff the run trained a prefix LM)")
+    ap.add_argument("--rule", default="cost", choices=["cost", "paper"], help="sam's draft rule: expected tokens "
+                    "per measured verify cost (default), or SAM-Decoding's published l_bias/l_threshold selection")
     args = ap.parse_args(argv)
 
     from decode.drafters import DRAFTERS, DraftPolicy, make_drafter
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
         raise UserError(f"--max-draft must be >= 1; got {max_draft}")
     items = read_prompts(args.prompts)
     # 0 (no draft: a plain step), then powers of two up to max_draft
-    sizes = sorted({0} | {1 << i for i in range(max_draft.bit_length()) if 1 << i < max_draft} | {max_draft})
+    sizes = verify_sizes_for(max_draft)
     cfg, tok, engine = engine_for_run(args.run_dir, step=args.step, prefix=args.prefix, verify_sizes=sizes)
     prefix_note(engine)
     if args.max_new_tokens is None:
@@ -143,16 +149,19 @@ def main(argv=None) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p)
     bs = min(args.batch_size, len(ids))
+    # Compile, before anything is timed, the speculative loop variants these drafters need: with the
+    # verifier's top-k ids only if one of them observes (Token Recycling), without them otherwise.
+    observe = sorted({make_drafter(name, vocab_size=engine.vocab_size).observes
+                      for name in drafters if name != "none"})
+    for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
+        engine.warmup(bs, longest, speculative=bool(observe), observe=observe)
+    # The verify cost per size on this machine, measured once: the "cost" rule sizes sam's drafts by it.
+    cost = engine.verify_cost(bs) if any(d.startswith("sam") for d in drafters) else None
     makers = {}
     for name in drafters:
         makers[name] = lambda name=name: make_drafter(  # noqa: E731
-            name, vocab_size=engine.vocab_size, static_sam=sam, max_len=max_draft,
-            min_len=min(max_draft, DraftPolicy().min_len))
-    # Compile, before anything is timed, the speculative loop variants these drafters need: with the
-    # verifier's top-k ids only if one of them observes (Token Recycling), without them otherwise.
-    observe = sorted({makers[name]().observes for name in drafters if name != "none"})
-    for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
-        engine.warmup(bs, longest, speculative=bool(observe), observe=observe)
+            name, vocab_size=engine.vocab_size, static_sam=sam, cost=cost, max_len=max_draft,
+            min_len=min(max_draft, DraftPolicy().min_len), rule=args.rule)
     for name in drafters:
         if name != "none":
             warm_drafter(makers[name](), ids[0], max_draft)
@@ -168,11 +177,30 @@ def main(argv=None) -> int:
     status = 0
     for name, spec in results.items():
         out = Path(args.out) / f"eval_{name}.json" if len(drafters) > 1 else Path(args.out)
-        status |= write_report(args, name, items, engine, max_draft, bs, base, spec, out)
+        status |= write_report(args, name, items, engine, max_draft, bs, base, spec, out, cost)
     return status
 
 
-def write_report(args, drafter, items, engine, max_draft, bs, base, spec, out: Path) -> int:
+def by_kind(items, base, spec) -> dict:
+    """MAT, tokens/s and speedup per prompt `kind` (the prompts file's field; absent: no breakdown)."""
+    kinds = sorted({str(it["kind"]) for it in items if "kind" in it})
+    out = {}
+    bs_, ss_ = base.rows_seconds(), spec.rows_seconds()
+    for kind in kinds:
+        rows = [i for i, it in enumerate(items) if str(it.get("kind")) == kind]
+        tokens = sum(len(spec.tokens[i]) for i in rows)
+        after = sum(max(len(spec.tokens[i]) - 1, 0) for i in rows)
+        steps = sum(spec.steps[i] for i in rows)
+        b_s, s_s = sum(bs_[i] for i in rows), sum(ss_[i] for i in rows)
+        base_tokens = sum(len(base.tokens[i]) for i in rows)
+        out[kind] = {"n_prompts": len(rows), "n_tokens": tokens, "mat": after / steps if steps else 1.0,
+                     "tokens_per_s": tokens / s_s if s_s else None,
+                     "baseline_tokens_per_s": base_tokens / b_s if b_s else None,
+                     "speedup": (tokens / s_s) / (base_tokens / b_s) if s_s and b_s and base_tokens else None}
+    return out
+
+
+def write_report(args, drafter, items, engine, max_draft, bs, base, spec, out: Path, cost=None) -> int:
     """Write one drafter's report; exit status 1 if greedy speculation did not reproduce plain decoding."""
     matches = [a.tolist() == b.tolist() for a, b in zip(base.tokens, spec.tokens)]
     report = {
@@ -185,7 +213,13 @@ def write_report(args, drafter, items, engine, max_draft, bs, base, spec, out: P
         "speedup": None if drafter == "none" else spec.tokens_per_s / base.tokens_per_s,
         "baseline": {"tokens_per_s": base.tokens_per_s, "n_tokens": base.n_tokens, "seconds": base.seconds},
         "matches_plain": bool(all(matches)) if args.temperature == 0 else None,
-        "outputs": [{"id": it["id"], "tokens": t.tolist()} for it, t in zip(items, spec.tokens)],
+        "outputs": [{"id": it["id"], "tokens": t.tolist(), "steps": s, "mat": spec.row_mat(i),
+                     **({"kind": it["kind"]} if "kind" in it else {})}
+                    for i, (it, t, s) in enumerate(zip(items, spec.tokens, spec.steps))],
+        "by_kind": by_kind(items, base, spec),
+        "rule": args.rule if drafter.startswith("sam") else None,
+        "verify_cost_ms": ({str(k): 1e3 * c for k, c in zip(cost.sizes, cost.cost)} if cost is not None
+                           and drafter.startswith("sam") else None),
         "per_prompt": [{"id": it["id"], "n_tokens": len(t), "steps": s, "mat": spec.row_mat(i),
                         "matches_plain": m}
                        for i, (it, t, s, m) in enumerate(zip(items, spec.tokens, spec.steps, matches))],
@@ -197,6 +231,9 @@ def write_report(args, drafter, items, engine, max_draft, bs, base, spec, out: P
     print(f"[eval {drafter}] {report['n_tokens']} tokens, {report['tokens_per_s']:.1f} tokens/s, "
           f"MAT {report['mat']:.2f}{sp}, drafting {report['draft_us_per_step']:.0f} us/step -> {out}",
           file=sys.stderr)
+    for kind, k in report["by_kind"].items():
+        sp = f", speedup {k['speedup']:.2f}x" if k["speedup"] and drafter != "none" else ""
+        print(f"[eval {drafter}]   kind {kind}: {k['n_prompts']} prompts, MAT {k['mat']:.2f}{sp}", file=sys.stderr)
     if args.temperature == 0 and not all(matches):
         bad = [it["id"] for it, m in zip(items, matches) if not m]
         print(f"error: speculative output differs from plain greedy for prompts {bad}", file=sys.stderr)

@@ -9,7 +9,7 @@ See docs/ARCHITECTURE.md, "A speculative decoding step".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import jax
@@ -30,6 +30,8 @@ class Result:
     decode_s: float = 0.0
     verify_calls: int = 0  # jitted verify steps (speculative only); 0 for plain decoding
     draft_s: float = 0.0  # host time spent in the drafters (draft, accept, observe)
+    row_s: list = field(default_factory=list)  # seconds charged to each row (its batch's, shared by tokens)
+    host_s: float = 0.0  # time inside the speculative loop's host callback (drafting included)
 
     @classmethod
     def concat(cls, results: Sequence["Result"]) -> "Result":
@@ -37,7 +39,15 @@ class Result:
         return cls([t for r in results for t in r.tokens], [n for r in results for n in r.prompt_lengths],
                    [s for r in results for s in r.steps], sum(r.prefill_s for r in results),
                    sum(r.decode_s for r in results), sum(r.verify_calls for r in results),
-                   sum(r.draft_s for r in results))
+                   sum(r.draft_s for r in results), [x for r in results for x in r.rows_seconds()],
+                   sum(r.host_s for r in results))
+
+    def rows_seconds(self) -> list:
+        """Seconds per row: `row_s` when set, else the batch's time shared in proportion to tokens."""
+        if self.row_s:
+            return list(self.row_s)
+        n = max(self.n_tokens, 1)
+        return [self.seconds * len(t) / n for t in self.tokens]
 
     @property
     def n_tokens(self) -> int:

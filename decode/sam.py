@@ -11,9 +11,14 @@ Edges come in two layouts, picked by `mode` in the kernels:
   holds the most recently used edge); the others are a list in `links[E, 3]` = (token, target, next)
   whose head is EDGES.
 - CSR (frozen; what a static build compacts to, saves and memory-maps): rows are [S + 1, 4] and EDGES is
-  an offset: a state's edges are `edge_tok[off[s]:off[s+1]]` (uint16, sorted) and `edge_dst` (int32),
-  found by bisection.
+  an offset: a state's edges are `edge_tok[off[s]:off[s+1]]` (token dtype, sorted) and `edge_dst`
+  (int32), found by bisection.
 State ids are the same in both layouts, so cursors survive freeze/extend.
+
+Token ids are stored as uint16 while every id fits (byte and BPE vocabularies up to 65,536), as uint32
+beyond (Hugging Face vocabularies of 150k ids): `build` picks the width from the largest id, and a mutable
+automaton widens itself the first time an id > 65535 arrives. The kernels are the same for both widths
+(numba specialises them per dtype); a saved automaton keeps its width (tokens.npy / edge_tok.npy dtype).
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ _FILES = ("tokens", "states", "edge_tok", "edge_dst")
 _NO_LINKS = np.empty((0, 3), np.int32)
 _NO_TOK = np.empty(0, np.uint16)
 _NO_DST = np.empty(0, np.int32)
+MAX_ID = {np.dtype(np.uint16): 0xFFFF, np.dtype(np.uint32): 0x7FFFFFFF}  # uint32 ids must fit the int32 rows
+TOKEN_DTYPES = tuple(MAX_ID)
+
+
+def token_dtype(max_id: int) -> np.dtype:
+    """The narrowest token dtype that holds ids up to max_id (ValueError beyond 2**31 - 1)."""
+    for dt in TOKEN_DTYPES:
+        if max_id <= MAX_ID[dt]:
+            return dt
+    raise ValueError(f"token ids must be in [0, {MAX_ID[TOKEN_DTYPES[-1]]}]; got {max_id}")
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -167,17 +182,17 @@ def _extend(toks, start, stop, st, links, meta):
 
 
 @numba.njit(cache=True)
-def _append(new, buf, st, links, meta, cur, track):
+def _append(new, buf, st, links, meta, cur, track, max_id):
     """Append `new` (any integer dtype) to the LINKED automaton in one call. With `track`, cursor cur is
     advanced by each token BEFORE the token is inserted, so it tracks the longest suffix that occurred
     earlier rather than the trivial match with itself. Returns 0, or 1 when a capacity must grow first,
-    or 2 when a token is outside [0, 65535]; nothing is changed unless it returns 0."""
+    or 2 when a token is outside [0, max_id] (buf's dtype); nothing is changed unless it returns 0."""
     m = new.shape[0]
     n = meta[3]
     if n + m > buf.shape[0] or 2 * (n + m) + 2 > st.shape[0] or 3 * (n + m) + 8 > links.shape[0]:
         return 1
     for j in range(m):
-        if new[j] < 0 or new[j] > 65535:
+        if new[j] < 0 or new[j] > max_id:
             return 2
     for j in range(m):
         buf[n + j] = new[j]
@@ -325,13 +340,16 @@ def _int_array(tokens) -> np.ndarray:
 
 
 def _as_tokens(tokens) -> np.ndarray:
-    """Token ids as a contiguous 1-D uint16 array (no copy when they already are)."""
+    """Token ids as a contiguous 1-D uint16 array, or uint32 when an id exceeds 65535 (no copy when they
+    already are one of those)."""
     arr = np.asarray(tokens)
-    if arr.dtype != np.uint16:
+    if arr.dtype not in TOKEN_DTYPES:
         arr = arr.reshape(-1)
-        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF):
-            raise ValueError(f"token ids must be in [0, 65535]; got range [{arr.min()}, {arr.max()}]")
-        return arr.astype(np.uint16)
+        if arr.size and arr.min() < 0:
+            raise ValueError(f"token ids must be >= 0; got range [{arr.min()}, {arr.max()}]")
+        return arr.astype(token_dtype(int(arr.max()) if arr.size else 0))
+    if arr.dtype == np.uint32 and arr.size and int(arr.max()) > MAX_ID[arr.dtype]:
+        raise ValueError(f"token ids must be in [0, {MAX_ID[arr.dtype]}]; got {int(arr.max())}")
     if arr.ndim != 1:
         arr = arr.reshape(-1)
     return np.ascontiguousarray(arr)
@@ -344,13 +362,15 @@ class SuffixAutomaton:
     and compacts to CSR; `load()` memory-maps a saved one. Extending a frozen automaton thaws it (a copy).
     """
 
-    def __init__(self, capacity: int = 1024):
+    def __init__(self, capacity: int = 1024, dtype=np.uint16):
         self.header: dict = {}
-        self._alloc(max(int(capacity), 16))
+        self._alloc(max(int(capacity), 16), np.dtype(dtype))
 
-    def _alloc(self, capacity: int) -> None:
+    def _alloc(self, capacity: int, dtype=np.dtype(np.uint16)) -> None:
+        if dtype not in TOKEN_DTYPES:
+            raise ValueError(f"token dtype must be uint16 or uint32; got {dtype}")
         self._mode = LINKED
-        self._toks = np.empty(capacity, np.uint16)
+        self._toks = np.empty(capacity, dtype)
         self._st = np.empty((2 * capacity + 2, LINKED_COLS), np.int32)
         self._links = np.empty((3 * capacity + 8, 3), np.int32)
         self._etok, self._edst = _NO_TOK, _NO_DST
@@ -362,7 +382,7 @@ class SuffixAutomaton:
     def clear(self) -> None:
         """Forget all tokens, keep the capacity (back to the mutable layout if frozen)."""
         if self._mode == CSR:
-            self._alloc(max(self._toks.shape[0], 16))
+            self._alloc(max(self._toks.shape[0], 16), self._toks.dtype)
             return
         self._st[0] = (0, -1, 0, -1, -1, -1)
         self._meta[:] = (1, 0, 0, 0, 0)
@@ -380,7 +400,7 @@ class SuffixAutomaton:
         sam.header = {}
         # Upper bounds (2n states, 3n edges): np.empty leaves untouched pages unmapped, so only what the
         # construction writes becomes resident.
-        sam._alloc(n)
+        sam._alloc(n, toks.dtype)
         sam._toks[:] = toks
         _extend(sam._toks, 0, n, sam._st, sam._links, sam._meta)
         return sam.freeze(_private=True)
@@ -390,7 +410,7 @@ class SuffixAutomaton:
         if self._mode == CSR:
             return self
         ns, ne, n = self.n_states, self.n_edges, self.n_tokens
-        etok = np.empty(ne, np.uint16)
+        etok = np.empty(ne, self._toks.dtype)
         edst = np.empty(ne, np.int32)
         # The CSR table is written over the LINKED one; a copy when views of it may be out there.
         st = self._st if _private else self._st[: ns + 1].copy()
@@ -413,7 +433,7 @@ class SuffixAutomaton:
         st = np.empty((2 * cap + 2, LINKED_COLS), np.int32)
         links = np.empty((3 * cap + 8, 3), np.int32)
         self._meta[1] = _csr_to_linked(ns, self._st, self._etok, self._edst, st, links)
-        toks = np.empty(cap, np.uint16)
+        toks = np.empty(cap, self._toks.dtype)
         toks[:n] = self._toks[:n]
         self._st, self._links, self._toks = st, links, toks
         self._etok, self._edst = _NO_TOK, _NO_DST
@@ -445,12 +465,28 @@ class SuffixAutomaton:
             self._thaw(new.shape[0])
         track = cur is not None
         cur = cur if track else _NO_CUR
-        status = _append(new, self._toks, self._st, self._links, self._meta, cur, track)
+        status = _append(new, self._toks, self._st, self._links, self._meta, cur, track, self.max_id)
         if status == 1:
             self._reserve(new.shape[0])
-            status = _append(new, self._toks, self._st, self._links, self._meta, cur, track)
+            status = _append(new, self._toks, self._st, self._links, self._meta, cur, track, self.max_id)
+        if status == 2 and new.min() >= 0 and self._toks.dtype == np.uint16:
+            self._widen(token_dtype(int(new.max())))  # raises beyond uint32's range
+            status = _append(new, self._toks, self._st, self._links, self._meta, cur, track, self.max_id)
         if status == 2:
-            raise ValueError(f"token ids must be in [0, 65535]; got range [{new.min()}, {new.max()}]")
+            raise ValueError(f"token ids must be in [0, {self.max_id}]; got range [{new.min()}, {new.max()}]")
+
+    def _widen(self, dtype) -> None:
+        """Store ids as `dtype` from now on (a mutable automaton meeting its first id > 65535)."""
+        self._toks = self._toks.astype(dtype)
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return self._toks.dtype
+
+    @property
+    def max_id(self) -> int:
+        """The largest id this automaton's token dtype holds (a mutable one widens past it)."""
+        return MAX_ID[self._toks.dtype]
 
     # -- queries
 
@@ -472,7 +508,7 @@ class SuffixAutomaton:
 
     @property
     def tokens(self) -> np.ndarray:
-        """The indexed tokens (uint16 view)."""
+        """The indexed tokens (a view, uint16 or uint32)."""
         return self._toks[: self.n_tokens]
 
     @property
@@ -537,6 +573,7 @@ class SuffixAutomaton:
             header = {"format_version": FORMAT_VERSION, "tokenizer": str(tokenizer),
                       "corpus_hash": str(corpus_hash), "n_tokens": self.n_tokens, "n_states": self.n_states,
                       "n_edges": self.n_edges, "last": int(self._meta[2]),
+                      "token_dtype": str(self._toks.dtype),
                       "states_columns": ["len", "link", "min_endpos", "edge_off"]}
             (tmp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
             if directory.exists():
@@ -587,7 +624,8 @@ class SuffixAutomaton:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"corrupt {hpath}: bad or missing field {e}") from None
         if (arrs["states"].shape != (ns + 1, 4) or arrs["tokens"].shape != (n,)
-                or arrs["edge_tok"].shape != (ne,) or arrs["edge_dst"].shape != (ne,)):
+                or arrs["edge_tok"].shape != (ne,) or arrs["edge_dst"].shape != (ne,)
+                or arrs["tokens"].dtype not in TOKEN_DTYPES or arrs["edge_tok"].dtype != arrs["tokens"].dtype):
             raise ValueError(f"suffix automaton at {directory} has arrays inconsistent with header.json")
         sam = cls.__new__(cls)
         sam.header = header
@@ -695,7 +733,8 @@ class DynamicMatcher:
         new = _int_array(tokens)
         sam, cur = self.sam, self.cursor._cur
         # Fast path first: this runs once per decoding step and row, so Python overhead matters.
-        if sam._mode != LINKED or _append(new, sam._toks, sam._st, sam._links, sam._meta, cur, True):
+        if sam._mode != LINKED or _append(new, sam._toks, sam._st, sam._links, sam._meta, cur, True,
+                                          MAX_ID[sam._toks.dtype]):
             sam._append(new, cur)  # grows, thaws or raises on bad ids
 
     def peek(self, token: int) -> tuple[int, int]:

@@ -56,10 +56,13 @@ class Host:
 
     def step(self, emitted):
         """[out (K+1) | count | top-k ids] per row in, [inputs | length | live] out."""
+        t0 = time.perf_counter()
         e = np.asarray(emitted)
         km = self.km
         inputs, draft_len, live = self.run.step(e[:, :km], e[:, km], e[:, km + 1:].reshape(len(e), km, -1))
-        return np.concatenate([inputs, draft_len[:, None], live[:, None]], axis=1, dtype=np.int32)
+        out = np.concatenate([inputs, draft_len[:, None], live[:, None]], axis=1, dtype=np.int32)
+        self.run.host_s += time.perf_counter() - t0
+        return out
 
     @contextlib.contextmanager
     def serving(self, run: "SpeculativeRun"):
@@ -80,8 +83,10 @@ class SpeculativeRun:
     """
 
     def __init__(self, req: Request, drafters, *, max_verify: int, pad_id: int, vocab_size: int, observe_k: int,
-                 first, n0, done0, prompt_topk):
+                 first, n0, done0, prompt_topk, on_tokens=None):
         self.req, self.drafters, self.observe_k = req, drafters, observe_k
+        self.on_tokens = on_tokens  # on_tokens(row, new ids) as rows emit (streaming); its errors end the run
+        self.stops_arr = np.asarray(sorted(int(s) for s in req.stop_S if s >= 0), np.int64)
         # Only drafters that declare `observes` get the top-k ids (observe_k is 0 when none does).
         self.observes = [bool(observe_k) and d.observes for d in drafters]
         self.kmax, self.pad_id, self.vocab_size = int(max_verify), int(pad_id), int(vocab_size)
@@ -93,6 +98,7 @@ class SpeculativeRun:
         self.pending = first.astype(np.int32)
         self.steps = [0] * b
         self.calls = 0
+        self.host_s = 0.0  # wall time inside the host callback (drafting included)
         self.error: BaseException | None = None
         self.inputs = np.full((b, self.kmax + 1), self.pad_id, np.int32)
         self.draft_len = np.zeros(b, np.int32)
@@ -104,6 +110,9 @@ class SpeculativeRun:
                 d.observe(p, prompt_topk[i, :len(p)])
             d.accept(np.asarray(self.emitted[i], np.int32))
         self.draft_s = time.perf_counter() - td
+        if on_tokens is not None:
+            for i in range(req.n_real):
+                on_tokens(i, np.asarray(self.emitted[i], np.int32))
 
     def drafts(self):
         """(inputs [B, kmax+1] = pending then draft, draft lengths [B], live [B]) for the next verify step."""
@@ -140,16 +149,18 @@ class SpeculativeRun:
         for i in np.flatnonzero(self.live):
             new = out_BxKm[i, :counts_B[i]]
             new = new[:int(max_new[i]) - len(self.emitted[i])]
-            hit = [j for j, t in enumerate(new) if int(t) in self.stops]
-            if hit:
+            hit = np.flatnonzero(np.isin(new, self.stops_arr)) if self.stops_arr.size else ()
+            if len(hit):
                 new = new[:hit[0] + 1]
-            self.emitted[i].extend(int(t) for t in new)
+            self.emitted[i].extend(new.tolist())
             self.steps[i] += 1
             self.pending[i] = new[-1]
-            if hit or len(self.emitted[i]) >= max_new[i]:
+            if len(hit) or len(self.emitted[i]) >= max_new[i]:
                 self.live[i] = False
             if self.observes[i]:
                 n = self.draft_len[i] + 1
                 self.drafters[i].observe(self.inputs[i, :n], topk_BxKmxO[i, :n])
             self.drafters[i].accept(new)
+            if self.on_tokens is not None:
+                self.on_tokens(i, new)
         self.draft_s += time.perf_counter() - td

@@ -51,7 +51,8 @@ def test_pld_sizes_drafts_from_the_match_length():
 
 
 def test_sam_uses_dynamic_match_without_static():
-    d = make_drafter("sam", vocab_size=V, alpha=1.0)
+    # the paper's rule; the cost rule is tested in test_spec_policy.py
+    d = make_drafter("sam", vocab_size=V, alpha=1.0, rule="paper")
     seg = arr(11, 12, 13, 14, 15, 16, 17, 18, 19)
     d.reset(np.concatenate([arr(1, 2), seg, arr(3, 4)]))
     assert d.draft(8).shape == (0,) and d.last_source == "none"
@@ -74,7 +75,7 @@ def test_sam_prefers_static_only_when_it_beats_dynamic_by_more_than_bias():
     static = _static_with(corpus)
 
     # Dynamic match 7, static match 12: 12 - 5 = 7 ties -> dynamic.
-    d = make_drafter("sam", vocab_size=V, static_sam=static, alpha=1.0)
+    d = make_drafter("sam", vocab_size=V, static_sam=static, alpha=1.0, rule="paper")
     d.reset(np.concatenate([run[5:12], arr(9)]))
     d.accept(run[:12])
     assert d.matches() == (7, 12)
@@ -123,7 +124,7 @@ def test_rejected_tokens_never_enter_the_automata():
 
 
 def test_recycle_table_updates_from_observe_and_resets_per_request():
-    d = make_drafter("sam+recycle", vocab_size=V, aux_len=3)
+    d = make_drafter("sam+recycle", vocab_size=V, aux_len=3, rule="paper")
     d.reset(arr(1, 2, 3))
     assert d.draft(8).shape == (0,)  # empty table
     inputs = arr(3, 50, 60)

@@ -341,6 +341,34 @@ def test_cli_prompts_file_writes_jsonl(run_dir, tmp_path, capsys):
         assert g["tokens_per_s"] > 0
 
 
+def test_cli_drafter_prints_exactly_the_plain_greedy_completion(run_dir, tmp_path, capsys):
+    """--drafter sam streams speculative output (no static automaton in this run: the request's own) that is
+    the plain greedy completion; --prompts with --drafter adds steps, mat and speedup to each line."""
+    import json
+
+    from decode.__main__ import main
+
+    path, model = run_dir
+    text = "x = 1\nx = 1\nx = 1\nx ="  # repeats: sam drafts from them
+    assert main([str(path), "--prompt", text, "--max-new-tokens", "10"]) == 0
+    plain = capsys.readouterr().out
+    assert plain == TOK.decode(until_eos(naive_greedy(model, TOK.encode(text), 10))) + "\n"
+    assert main([str(path), "--prompt", text, "--max-new-tokens", "10", "--drafter", "sam"]) == 0
+    got = capsys.readouterr()
+    assert got.out == plain and "MAT" in got.err
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text(json.dumps({"id": "r", "prompt": text}) + "\n")
+    out_file = tmp_path / "o.jsonl"
+    assert main([str(path), "--prompts", str(prompts_file), "--out", str(out_file), "--max-new-tokens", "10",
+                 "--drafter", "pld", "--max-draft", "2"]) == 0
+    line = json.loads(out_file.read_text())
+    assert TOK.decode(line["tokens"]) + "\n" == plain and line["completion"] + "\n" == plain
+    assert line["steps"] >= 1 and line["mat"] >= 1.0 and line["speedup"] > 0
+    capsys.readouterr()
+    assert main([str(path), "--prompt", "x", "--drafter", "eagle"]) == 2
+    assert "unknown drafter 'eagle'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case, match", [
     ("missing_run", "no such run directory"),
     ("no_checkpoint", "no config.toml"),

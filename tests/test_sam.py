@@ -74,7 +74,7 @@ def test_match_reports_earliest_occurrence_and_continuation():
     assert sam.longest_suffix_match([1, 2, 3, 70000]) == (0, 0)
     assert sam.longest_suffix_match([-1, 1, 2]) == (2, 3)
     with pytest.raises(ValueError, match="token ids"):
-        sam.extend_many([1, 70000])
+        sam.extend_many([1, 2 ** 31])  # ids above 65535 widen the automaton (see the any-vocabulary test)
     with pytest.raises(ValueError, match="token ids"):
         sam.extend(-1)
     assert sam.n_tokens == len(text)  # a refused append changes nothing
@@ -292,3 +292,43 @@ def test_build_sam_bad_input_exits_2_without_output(tmp_path, capsys):
     assert "matched no files" in capsys.readouterr().err
     assert not (run / "sam").exists()
     shutil.rmtree(run)
+
+
+def test_any_vocabulary_ids_above_65535_index_match_and_round_trip(tmp_path):
+    """Hugging Face vocabularies (150k ids) need uint32 storage: build, extend, the dynamic matcher (which
+    widens itself on its first large id) and save/load all keep ids above 65535 intact."""
+    rng = np.random.default_rng(11)
+    big = 151_000  # a Qwen-sized vocabulary
+    text = random_text(rng, 3000, 300, repetitive=True) * 500 + rng.integers(0, 2, 3000)  # ids up to ~150k
+    assert text.max() > 65535
+    sam = SuffixAutomaton.build(text)
+    assert sam.token_dtype == np.uint32 and sam.arrays()["edge_tok"].dtype == np.uint32
+    for q in queries_for(rng, text, big, 40):
+        assert sam.longest_suffix_match(q) == brute_match(text, q)
+    length, end = sam.longest_suffix_match(text[100:120])
+    np.testing.assert_array_equal(sam.continuation(end, 5), text[end:end + 5])
+    sam.save(tmp_path / "s", tokenizer="hf", corpus_hash="h")
+    back = SuffixAutomaton.load(tmp_path / "s")
+    assert back.token_dtype == np.uint32 and json.loads((tmp_path / "s" / "header.json").read_text())[
+        "token_dtype"] == "uint32"
+    for q in queries_for(rng, text, big, 20):
+        assert back.longest_suffix_match(q) == brute_match(text, q)
+    small = SuffixAutomaton.build(text % 1000)  # a small vocabulary stays uint16
+    assert small.token_dtype == np.uint16
+
+    dm = DynamicMatcher(capacity=8)
+    dm.reset(text[:50] % 1000)  # starts uint16 ...
+    assert dm.sam.token_dtype == np.uint16
+    dm.commit(text[50:400])  # ... and widens on the first id > 65535, keeping what it held
+    assert dm.sam.token_dtype == np.uint32
+    full = np.concatenate([text[:50] % 1000, text[50:]])
+    np.testing.assert_array_equal(dm.tokens, full[:400])
+    n = 400
+    while n < 1500:
+        dm.commit(full[n:n + 3])
+        n += 3
+        assert dm.match() == earlier_match(full[:n])
+    with pytest.raises(ValueError, match="token ids"):
+        dm.commit([2 ** 31])
+    with pytest.raises(ValueError, match="token ids"):
+        SuffixAutomaton.build([-1, 2])

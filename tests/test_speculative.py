@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from core.tokenizer import get_tokenizer
-from decode.drafters import Drafter, make_drafter
+from decode.drafters import Drafter, VerifyCost, make_drafter
 from decode.engine import Engine
 from models.decoder import DecoderConfig, DecoderLM
 from models.registry import MODELS
@@ -20,6 +20,7 @@ TOK = get_tokenizer("byte")
 MAX_LEN = 96
 SIZES = (1, 4, 8)
 ROWS = 3  # every multi-row test pads to this batch, so they share one set of compiles
+CHEAP = VerifyCost((0, 1, 2, 4, 8), (1.0, 1.01, 1.02, 1.04, 1.08))
 
 
 class Oracle(Drafter):
@@ -63,6 +64,19 @@ class Noisy(Oracle):
         d = self.ref[self.pos:self.pos + n].copy()
         d[good:] = self.rng.integers(0, 256, size=len(d) - good)
         return d
+
+
+class Alternating(Oracle):
+    """Drafts the true continuation (all accepted) on even calls and nothing on odd ones: a step with no
+    draft right after a step that accepted drafts must not read stale recurrent or concept state."""
+
+    def __init__(self, ref):
+        super().__init__(ref)
+        self.calls = 0
+
+    def draft(self, k):
+        self.calls += 1
+        return self.ref[self.pos:self.pos + k] if self.calls % 2 else self.ref[:0]
 
 
 class ModelGreedy(Drafter):
@@ -150,6 +164,21 @@ def test_greedy_speculative_equals_plain_batch3_with_stops_and_budgets(engine):
         res = engine.generate_speculative(ps, drafters, max_new_tokens=[40, 40, 23], stop_ids=(stop,),
                                           batch_size=ROWS)
         assert [t.tolist() for t in res.tokens] == [t.tolist() for t in plain.tokens]
+
+
+@pytest.mark.parametrize("rule", ["cost", "paper"])
+def test_greedy_speculative_equals_plain_for_every_drafter(engine, rule):
+    """The real drafters, with sam's cost rule (cheap verify: it drafts from every match) and the paper's."""
+    rng = np.random.default_rng(5)
+    motif = rng.integers(32, 127, 7)
+    ps = [np.resize(motif, n).astype(np.int32) for n in (15, 30)] + prompts(9, seed=5)
+    plain = engine.generate(ps, max_new_tokens=30, stop_ids=(), batch_size=ROWS)
+    names = ("pld", "recycle", "sam", "sam+recycle") if rule == "cost" else ("sam", "sam+recycle")
+    for name in names:
+        drafters = [make_drafter(name, vocab_size=engine.vocab_size, cost=CHEAP, rule=rule, max_len=8) for _ in ps]
+        res = engine.generate_speculative(ps, drafters, max_new_tokens=30, stop_ids=(), batch_size=ROWS)
+        assert [t.tolist() for t in res.tokens] == [t.tolist() for t in plain.tokens], name
+        assert res.mat >= 1.0
 
 
 def test_sampling_speculative_with_point_mass_target_equals_greedy(engine):
@@ -296,7 +325,7 @@ def test_eval_reports_speedup_and_matches_plain(tmp_path, capsys):
     make_run(run)
     prompts_file = tmp_path / "p.jsonl"
     text = "def f(x):\n    return x + 1\n\ndef g(x):\n    return x + 1\n\ndef h(x):\n"
-    rows = [{"id": i, "prompt": text[i:]} for i in range(3)]
+    rows = [{"id": i, "prompt": text[i:], "kind": "ab"[i % 2]} for i in range(3)]
     prompts_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "r.json"
     assert main([str(run), "--prompts", str(prompts_file), "--drafter", "pld", "--out", str(out),
@@ -306,6 +335,13 @@ def test_eval_reports_speedup_and_matches_plain(tmp_path, capsys):
     assert rep["speedup"] > 0 and rep["tokens_per_s"] > 0 and rep["mat"] >= 1.0
     assert rep["draft_us_per_step"] > 0
     assert [o["id"] for o in rep["outputs"]] == [0, 1, 2]
+    assert [o["steps"] for o in rep["outputs"]] == [p["steps"] for p in rep["per_prompt"]]
+    assert all(o["mat"] == (len(o["tokens"]) - 1) / o["steps"] and o["kind"] == "ab"[i % 2]
+               for i, o in enumerate(rep["outputs"]))
+    kinds = rep["by_kind"]
+    assert sorted(kinds) == ["a", "b"] and kinds["a"]["n_prompts"] == 2 and kinds["b"]["n_prompts"] == 1
+    assert kinds["a"]["n_tokens"] + kinds["b"]["n_tokens"] == rep["n_tokens"]
+    assert all(k["mat"] >= 1.0 and k["speedup"] > 0 for k in kinds.values())
     assert sum(p["n_tokens"] for p in rep["per_prompt"]) == rep["n_tokens"]
     assert all(p["matches_plain"] for p in rep["per_prompt"])
     assert "[eval pld] batch 2/2" in capsys.readouterr().err
@@ -424,3 +460,11 @@ def test_engine_is_architecture_agnostic(arch, prefix):
     spec = eng.generate_speculative(ps, [Noisy(t, 3) for t in plain.tokens], max_new_tokens=12, stop_ids=())
     assert [t.tolist() for t in spec.tokens] == [t.tolist() for t in plain.tokens]
     assert spec.mat > 1.0
+    alt = eng.generate_speculative(ps, [Alternating(t) for t in plain.tokens], max_new_tokens=12, stop_ids=())
+    assert [t.tolist() for t in alt.tokens] == [t.tolist() for t in plain.tokens]
+    assert 2.0 < alt.mat < 5.0  # full acceptance on half of the steps (verify size 4: 5 tokens)
+    # the real drafters with the cost rule; a cheap verify table makes sam draft from every match it has
+    for name in ("pld", "sam"):
+        got = eng.generate_speculative(ps, [make_drafter(name, vocab_size=model.vocab_size, cost=CHEAP, max_len=4)
+                                            for _ in ps], max_new_tokens=12, stop_ids=())
+        assert [t.tolist() for t in got.tokens] == [t.tolist() for t in plain.tokens], name
