@@ -322,7 +322,7 @@ class DLCMLM(LM):
         d, c = cfg.d_model, cfg.d_concept
         if cfg.mup and cfg.tie_embeddings:  # muP: an embedding's init does not shrink with width
             emb = self.embed.embedding
-            emb.value = emb.value * jnp.asarray(math.sqrt(cfg.s_token), emb.value.dtype)
+            emb[...] = emb[...] * jnp.asarray(math.sqrt(cfg.s_token), emb.dtype)
         enc_cfg, dec_cfg = cfg.token_stack(cfg.enc_layers), cfg.token_stack(cfg.dec_layers)
         self.enc_blocks = nnx.List([attention_block(enc_cfg, rngs=rngs) for _ in range(cfg.enc_layers)])
         self.enc_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
