@@ -1,40 +1,57 @@
 """DLCM (Dynamic Large Concept Models, arXiv 2512.24617), strict causal variant (docs/ARCHITECTURE.md,
-"Facts from the papers").
+"Facts from the papers"); tests/dlcm_reference.py is an independent loop-by-loop reference of this forward.
 
-Pipeline: a causal token encoder gives h; a boundary p_t = 1/2 (1 - cos(W_q h_{t-1}, W_k h_t)) (p = 1 at a
-row's position 0) marks token t as the start of a concept (sampled from Bernoulli(sharpen(p)) in training,
-p >= 0.5 otherwise); a concept is the mean of its tokens' h, projected up by W_up; a causal transformer
-(the backbone, RoPE on the concept index) runs over the concepts; every token cross-attends to the concepts
-CLOSED BEFORE it plus a learned null concept (Q = RMSNorm(W_Q h), K = RMSNorm(W_K z), V = W_V z, residual
-onto h, then an optional SwiGLU); a causal token decoder and the head give the logits.
+Pipeline: a causal token encoder gives h; a boundary p_t = 1/2 (1 - cos(W_q h_{t-1}, W_k h_t)) marks token t
+as the start of a concept (sampled from Bernoulli(sharpen(p)) in training, p >= eval_threshold otherwise);
+p = b = 1 at a row's position 0 and at every document start (`doc_start_id`, the data's separator); a
+concept is the mean of its tokens' h, projected up by W_up; a causal transformer (the backbone, RoPE on the
+concept index) runs over the concepts; every token cross-attends to the concepts CLOSED BEFORE it plus a
+learned null concept (Q = RMSNorm(W_Q h), K = RMSNorm(W_K z), V = W_V z, residual onto h, then an optional
+SwiGLU); a causal token decoder and the head give the logits (times 1/s_token under muP).
 
 Which concepts token t sees: with seg_t = (number of boundaries at or before t) - 1, t's own concept is
 seg_t and the closed ones are 0 .. seg_t - 1. Keys are numbered [null, z_0, z_1, ...], so key index
-kk is visible iff kk <= seg_t (exact L x (M+1) masked attention, no replication multiplicity).
+kk is visible iff kk <= seg_t. `cross_weighting`: "uniform" weighs each visible key once (exact L x (M+1)
+masked attention); "replicated" is the paper's concept replication under the strict rule (position s carries
+key seg_s, token t attends over s <= t), i.e. key kk weighted by its multiplicity: a log-count bias of
+log |concept kk| for kk < seg_t and log (tokens of t's concept up to t) for kk = seg_t.
+
+Concept slots (the cap): by position t at most cap(t) = floor((t + 1) concept_slots / R) + concept_slack
+concepts exist (the open one included); a boundary that would exceed it is dropped (`capped_boundaries`).
+The cap depends on the position only, so the full forward and every extend (any K, any commit) drop the same
+boundaries: a length-L forward needs cap(L - 1) slots (`concept_slots_for`, about 1.25 L / R), never more,
+and the backbone's training cost scales with 1/R. `concept_capped` logs the share of dropped boundaries.
 
 Global Parser loss (returned as `loss_parser` = aux_weight * L_aux; the trainer adds every `loss_*`):
-L_aux = R/(R-1) [(R-1) F G + (1-F)(1-G)] - 1, F = mean(b) (no gradient), G = mean(p), both over the whole
-(global) batch. The boundary decisions are discrete, so W_q/W_k are trained by L_aux through G only.
+L_aux = R/(R-1) [(R-1) F G + (1-F)(1-G)] - 1, F = mean(b) of the realised boundaries (no gradient),
+G = mean(p), both over the whole (global) batch. The boundary decisions are discrete, so W_q/W_k are trained
+by L_aux through G only.
+
+Decoupled muP (paper Eqs. 18-21, on by default): `optimizer_groups` labels the token-side matrices
+(encoder, decoder, W_q/W_k, cross Q/O and MLP) and the concept-side ones (backbone, W_up, cross K/V); the
+trainer's AdamW gives them lr and eps times 1/s_token and 1/s_concept (s = width / mup_base_width); a tied
+embedding's init does not shrink with width; fan-in init is already variance 1/(s d_base); logits x 1/s_token.
 
 Decode cache `Cache(lengths, layers)` with layers = (encoder KVCache per layer, ConceptCache, decoder KVCache
 per layer); slot = position for token caches, slot = concept index for concept caches:
 - the token stacks' `KVCache`s are rolled back by `lengths` (models/attention.py, GlobalAttention);
 - `ConceptCache.backbone`: the backbone's concept K/V per layer (slot k = concept k); `.cross`: the
-  cross-attention K/V (slot 0 = the null concept, rewritten by every extend; slot k+1 = concept k); both are
+  cross-attention K/V (slot 0 = the null concept, rewritten by every extend; slot k+1 = concept k);
+  `.counts` (replicated only): slot kk's multiplicity, the length of concept kk once it closed; all are
   rolled back by `J`, the number of closed concepts: slots beyond J are invisible (masks come from
   positions) and are overwritten before use;
 - per row: `J`, the open concept's running fp32 sum `seg_sum` and count `seg_cnt`, `prev_h` (= h_{t-1}).
 `extend` is parallel over its K tokens: the token stacks run as in the decoder, the boundaries need only
-h_{t-1} and h_t, the concepts closed inside the block (at most K) are packed into K backbone slots written
-at J..J+K-1 (the unused ones are garbage beyond the new J, hence inert), and each token's cross-attention
-query position is its own J_t. The per-position state after each of the K tokens is pending
-(`ConceptPending`); `commit(n)` selects the state after exactly n tokens and returns the structure of
-`init_cache`. Concept caches hold max_len + 1 slots: one concept per token is the worst case.
+h_{t-1} and h_t (and the cap the count before the block), the concepts closed inside the block (at most K)
+are packed into K backbone slots written at J..J+K-1 (the unused ones are garbage beyond the new J, hence
+inert), and each token's cross-attention query position is its own J_t. The per-position state after each
+of the K tokens is pending (`ConceptPending`); `commit(n)` selects the state after exactly n tokens and
+returns the structure of `init_cache`. Concept caches hold cap(token capacity - 1) + 1 slots.
 Prefix LM (the full forward and a prefill's `extend(..., prefix_len_B)` alike): the token stacks read the
 prefix bidirectionally; the concept path (boundaries, backbone, cross-attention) stays causal.
 Boundaries are a threshold on p: paths that round differently (the cached extend vs the full forward, K = 1 vs
-K > 1, and above all bf16 compute) can decide differently for a p within rounding of 1/2, after which the
-concepts differ. Exactness is tested in fp32; for bit-exact speculative = plain greedy, decode in fp32.
+K > 1, and above all bf16 compute) can decide differently for a p within rounding of the threshold, after
+which the concepts differ. Exactness is tested in fp32; for bit-exact speculative = plain greedy, decode in fp32.
 """
 
 from __future__ import annotations
