@@ -37,6 +37,7 @@ from core.errors import ArgumentParser, UserError, cli  # noqa: E402
 
 PAPER_TABLE5 = {"code": {8: 6.14, 4: 3.66, 2: 1.98}}  # realised tokens per concept, paper Table 5
 TYPES = ("code", "comments", "docstrings", "strings")
+WINDOWS = 8  # windows per boundaries call (files are padded to a multiple)
 
 
 def content_types(source: bytes):
@@ -146,11 +147,12 @@ def ratio_by_content(cfg, model, tok, n_files: int):
         labels = content_types(data)
         seq = np.concatenate([[tok.eos_id], ids])  # the document separator before the document, as in training
         lab = np.concatenate([[0], labels])
-        n_win = -(-len(seq) // length)
+        n_win = -(--(-len(seq) // length) // WINDOWS) * WINDOWS  # a multiple of WINDOWS: one compiled shape
         pad = np.full(n_win * length, tok.pad_id, np.int64)
         pad[:len(seq)] = seq
         wins = pad.reshape(n_win, length)
-        b = np.asarray(jax.device_get(bounds(jnp.asarray(wins, jnp.int32)))).reshape(-1)[:len(seq)]
+        b = np.concatenate([np.asarray(jax.device_get(bounds(jnp.asarray(wins[i:i + WINDOWS], jnp.int32))))
+                            for i in range(0, n_win, WINDOWS)]).reshape(-1)[:len(seq)]
         keep = np.ones(len(seq), bool)
         keep[::length] = False  # a window's first token: forced, not a decision
         keep[0] = False  # the separator
