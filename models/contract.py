@@ -61,6 +61,7 @@ class ConceptCache(NamedTuple):
     prev_h: jax.Array
     backbone: tuple
     cross: KVCache
+    counts: jax.Array | None = None  # replicated weighting only: [B, S] tokens replicating cross slot s
 
 
 class Cache(NamedTuple):

@@ -1,40 +1,57 @@
 """DLCM (Dynamic Large Concept Models, arXiv 2512.24617), strict causal variant (docs/ARCHITECTURE.md,
-"Facts from the papers").
+"Facts from the papers"); tests/dlcm_reference.py is an independent loop-by-loop reference of this forward.
 
-Pipeline: a causal token encoder gives h; a boundary p_t = 1/2 (1 - cos(W_q h_{t-1}, W_k h_t)) (p = 1 at a
-row's position 0) marks token t as the start of a concept (sampled from Bernoulli(sharpen(p)) in training,
-p >= 0.5 otherwise); a concept is the mean of its tokens' h, projected up by W_up; a causal transformer
-(the backbone, RoPE on the concept index) runs over the concepts; every token cross-attends to the concepts
-CLOSED BEFORE it plus a learned null concept (Q = RMSNorm(W_Q h), K = RMSNorm(W_K z), V = W_V z, residual
-onto h, then an optional SwiGLU); a causal token decoder and the head give the logits.
+Pipeline: a causal token encoder gives h; a boundary p_t = 1/2 (1 - cos(W_q h_{t-1}, W_k h_t)) marks token t
+as the start of a concept (sampled from Bernoulli(sharpen(p)) in training, p >= eval_threshold otherwise);
+p = b = 1 at a row's position 0 and at every document start (`doc_start_id`, the data's separator); a
+concept is the mean of its tokens' h, projected up by W_up; a causal transformer (the backbone, RoPE on the
+concept index) runs over the concepts; every token cross-attends to the concepts CLOSED BEFORE it plus a
+learned null concept (Q = RMSNorm(W_Q h), K = RMSNorm(W_K z), V = W_V z, residual onto h, then an optional
+SwiGLU); a causal token decoder and the head give the logits (times 1/s_token under muP).
 
 Which concepts token t sees: with seg_t = (number of boundaries at or before t) - 1, t's own concept is
 seg_t and the closed ones are 0 .. seg_t - 1. Keys are numbered [null, z_0, z_1, ...], so key index
-kk is visible iff kk <= seg_t (exact L x (M+1) masked attention, no replication multiplicity).
+kk is visible iff kk <= seg_t. `cross_weighting`: "uniform" weighs each visible key once (exact L x (M+1)
+masked attention); "replicated" is the paper's concept replication under the strict rule (position s carries
+key seg_s, token t attends over s <= t), i.e. key kk weighted by its multiplicity: a log-count bias of
+log |concept kk| for kk < seg_t and log (tokens of t's concept up to t) for kk = seg_t.
+
+Concept slots (the cap): by position t at most cap(t) = floor((t + 1) concept_slots / R) + concept_slack
+concepts exist (the open one included); a boundary that would exceed it is dropped (`capped_boundaries`).
+The cap depends on the position only, so the full forward and every extend (any K, any commit) drop the same
+boundaries: a length-L forward needs cap(L - 1) slots (`concept_slots_for`, about 1.25 L / R), never more,
+and the backbone's training cost scales with 1/R. `concept_capped` logs the share of dropped boundaries.
 
 Global Parser loss (returned as `loss_parser` = aux_weight * L_aux; the trainer adds every `loss_*`):
-L_aux = R/(R-1) [(R-1) F G + (1-F)(1-G)] - 1, F = mean(b) (no gradient), G = mean(p), both over the whole
-(global) batch. The boundary decisions are discrete, so W_q/W_k are trained by L_aux through G only.
+L_aux = R/(R-1) [(R-1) F G + (1-F)(1-G)] - 1, F = mean(b) of the realised boundaries (no gradient),
+G = mean(p), both over the whole (global) batch. The boundary decisions are discrete, so W_q/W_k are trained
+by L_aux through G only.
+
+Decoupled muP (paper Eqs. 18-21, on by default): `optimizer_groups` labels the token-side matrices
+(encoder, decoder, W_q/W_k, cross Q/O and MLP) and the concept-side ones (backbone, W_up, cross K/V); the
+trainer's AdamW gives them lr and eps times 1/s_token and 1/s_concept (s = width / mup_base_width); a tied
+embedding's init does not shrink with width; fan-in init is already variance 1/(s d_base); logits x 1/s_token.
 
 Decode cache `Cache(lengths, layers)` with layers = (encoder KVCache per layer, ConceptCache, decoder KVCache
 per layer); slot = position for token caches, slot = concept index for concept caches:
 - the token stacks' `KVCache`s are rolled back by `lengths` (models/attention.py, GlobalAttention);
 - `ConceptCache.backbone`: the backbone's concept K/V per layer (slot k = concept k); `.cross`: the
-  cross-attention K/V (slot 0 = the null concept, rewritten by every extend; slot k+1 = concept k); both are
+  cross-attention K/V (slot 0 = the null concept, rewritten by every extend; slot k+1 = concept k);
+  `.counts` (replicated only): slot kk's multiplicity, the length of concept kk once it closed; all are
   rolled back by `J`, the number of closed concepts: slots beyond J are invisible (masks come from
   positions) and are overwritten before use;
 - per row: `J`, the open concept's running fp32 sum `seg_sum` and count `seg_cnt`, `prev_h` (= h_{t-1}).
 `extend` is parallel over its K tokens: the token stacks run as in the decoder, the boundaries need only
-h_{t-1} and h_t, the concepts closed inside the block (at most K) are packed into K backbone slots written
-at J..J+K-1 (the unused ones are garbage beyond the new J, hence inert), and each token's cross-attention
-query position is its own J_t. The per-position state after each of the K tokens is pending
-(`ConceptPending`); `commit(n)` selects the state after exactly n tokens and returns the structure of
-`init_cache`. Concept caches hold max_len + 1 slots: one concept per token is the worst case.
+h_{t-1} and h_t (and the cap the count before the block), the concepts closed inside the block (at most K)
+are packed into K backbone slots written at J..J+K-1 (the unused ones are garbage beyond the new J, hence
+inert), and each token's cross-attention query position is its own J_t. The per-position state after each
+of the K tokens is pending (`ConceptPending`); `commit(n)` selects the state after exactly n tokens and
+returns the structure of `init_cache`. Concept caches hold cap(token capacity - 1) + 1 slots.
 Prefix LM (the full forward and a prefill's `extend(..., prefix_len_B)` alike): the token stacks read the
 prefix bidirectionally; the concept path (boundaries, backbone, cross-attention) stays causal.
 Boundaries are a threshold on p: paths that round differently (the cached extend vs the full forward, K = 1 vs
-K > 1, and above all bf16 compute) can decide differently for a p within rounding of 1/2, after which the
-concepts differ. Exactness is tested in fp32; for bit-exact speculative = plain greedy, decode in fp32.
+K > 1, and above all bf16 compute) can decide differently for a p within rounding of the threshold, after
+which the concepts differ. Exactness is tested in fp32; for bit-exact speculative = plain greedy, decode in fp32.
 """
 
 from __future__ import annotations
@@ -45,6 +62,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.attention import blocked_cache_attention, masked_attention
@@ -52,7 +70,7 @@ from models.base import LM, StepCtx
 from models.contract import (Cache, ConceptCache, KVCache, attention_flops_per_token, full_positions, round_up,
                              run_stack)
 from models.decoder import DecoderConfig, attention_block
-from models.layers import RMSNorm, SwiGLU, dense, mlp_hidden_default, scatter_rows_heads_first
+from models.layers import NEG_INF, RMSNorm, SwiGLU, dense, mlp_hidden_default, scatter_rows, scatter_rows_heads_first
 
 
 @dataclass(frozen=True)
@@ -83,7 +101,27 @@ class DLCMConfig:
     target_ratio: float = 4.0  # R: target tokens per concept
     aux_weight: float = 0.03  # lambda
     sharpen: float = 6.0  # training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s))
-    max_concepts: int = 0  # concept slots in the training forward; 0: seq_len (never overflows)
+    eval_threshold: float = 0.5  # evaluation and decoding: b = [p >= eval_threshold]
+    doc_start_id: int = 257  # this token always starts a concept (the data's document separator: the byte
+    #                          tokenizer's EOS, written after every document and used as BOS); -1: none
+    # Concept slots: by position t (0-based) at most floor((t + 1) * concept_slots / R) + concept_slack
+    # concepts exist (the open one included); a boundary beyond that is dropped, in training, evaluation and
+    # decoding alike (the cap depends on the position only). A length-L forward runs the backbone over
+    # floor(L * concept_slots / R) + concept_slack slots (at most L), so its cost scales with 1/R.
+    concept_slots: float = 1.25
+    concept_slack: int = 8
+    # token -> concept weighting: "uniform" (each visible concept once: L x (M+1) masked attention) or
+    # "replicated" (the paper's concept replication under the strict rule: each visible concept weighted by
+    # the number of tokens so far that replicate it, i.e. a log-count bias)
+    cross_weighting: str = "uniform"
+    # decoupled muP (paper Eqs. 18-21): s_token = d_model / mup_base_width, s_concept = d_concept /
+    # mup_base_width; AdamW learning rate and eps of the token (concept) matrices scaled by 1/s_token
+    # (1/s_concept); the base learning rates are mup_lr_token / mup_lr_concept x train.lr; embeddings,
+    # norms and the null concept keep train.lr; width-independent embedding init; logits x 1/s_token.
+    mup: bool = True
+    mup_base_width: int = 128
+    mup_lr_token: float = 1.0
+    mup_lr_concept: float = 1.0
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -103,6 +141,24 @@ class DLCMConfig:
     @property
     def scan_dim(self) -> int:
         return self.d_scan or self.d_model
+
+    @property
+    def s_token(self) -> float:
+        return self.d_model / self.mup_base_width if self.mup else 1.0
+
+    @property
+    def s_concept(self) -> float:
+        return self.d_concept / self.mup_base_width if self.mup else 1.0
+
+    @property
+    def slot_rate(self) -> float:
+        """Concept slots per token (the cap's slope), as float32 so that every path computes the same cap."""
+        return float(np.float32(self.concept_slots / self.target_ratio))
+
+    def concept_slots_for(self, length: int) -> int:
+        """Concept slots a `length`-token sequence can need under the cap: cap(length - 1), at most length."""
+        cap = int(np.floor(np.float32(length) * np.float32(self.slot_rate))) + self.concept_slack
+        return max(1, min(length, cap))
 
     @property
     def n_layers(self) -> int:
@@ -128,7 +184,7 @@ class DLCMConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
         for name in ("n_kv_heads", "head_dim", "mlp_hidden", "bb_kv_heads", "bb_head_dim", "bb_mlp_hidden",
-                     "cross_head_dim", "d_scan", "max_concepts"):
+                     "cross_head_dim", "d_scan"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: default); got {getattr(self, name)}")
         if not self.cross_head_dim and self.d_model % self.cross_heads:
@@ -137,6 +193,18 @@ class DLCMConfig:
             raise ValueError(f"target_ratio must be > 1; got {self.target_ratio}")
         if self.aux_weight < 0 or not self.sharpen > 0:
             raise ValueError(f"need aux_weight >= 0 and sharpen > 0; got {self.aux_weight}, {self.sharpen}")
+        if not 0.0 < self.eval_threshold <= 1.0:
+            raise ValueError(f"eval_threshold must be in (0, 1]; got {self.eval_threshold}")
+        if not self.concept_slots > 0 or self.concept_slack < 1:
+            raise ValueError(f"need concept_slots > 0 and concept_slack >= 1; got {self.concept_slots}, "
+                             f"{self.concept_slack}")
+        if self.cross_weighting not in ("uniform", "replicated"):
+            raise ValueError(f"cross_weighting must be 'uniform' or 'replicated'; got {self.cross_weighting!r}")
+        if self.mup_base_width < 1 or not (self.mup_lr_token > 0 and self.mup_lr_concept > 0):
+            raise ValueError(f"need mup_base_width >= 1 and mup_lr_token, mup_lr_concept > 0; got "
+                             f"{self.mup_base_width}, {self.mup_lr_token}, {self.mup_lr_concept}")
+        if self.doc_start_id >= self.vocab_size:
+            raise ValueError(f"doc_start_id {self.doc_start_id} is not a token id (vocab_size {self.vocab_size})")
         for name, sub in (("token", self.token_stack(1)), ("backbone", self.backbone_stack())):
             try:
                 sub.validate()
@@ -164,6 +232,47 @@ def boundary_prob(q_prev, k_cur):
     qn = q * jax.lax.rsqrt(jnp.maximum(jnp.sum(q * q, -1, keepdims=True), 1e-12))
     kn = k * jax.lax.rsqrt(jnp.maximum(jnp.sum(k * k, -1, keepdims=True), 1e-12))
     return 0.5 * (1.0 - jnp.sum(qn * kn, -1))
+
+
+def concept_cap(pos, rate: float, slack: int):
+    """Most concepts (the open one included) that may exist by position `pos`: floor((pos+1) rate) + slack."""
+    return jnp.floor((pos + 1).astype(jnp.float32) * jnp.float32(rate)).astype(jnp.int32) + slack
+
+
+def capped_boundaries(raw_BxK, pos_BxK, n0_B, rate: float, slack: int):
+    """Boundaries under the slot cap, and the concept count after each token.
+
+    With n the concept count (open concept included; n0 before the first of the K tokens), a raw boundary
+    at t counts iff n_{t-1} < cap(t): n_t = min(n_{t-1} + b_t, cap(t)) (cap is nondecreasing and n never
+    exceeds it), which unrolls to n_t = A_t + min(n0, min_{s<=t} (cap(s) - A_s)) with A the running count of
+    raw boundaries: a cumsum and a cummin, the same in the full forward and in every extend.
+    """
+    a = jnp.cumsum(raw_BxK.astype(jnp.int32), axis=1)
+    cap = concept_cap(pos_BxK, rate, slack)
+    n = a + jnp.minimum(n0_B[:, None], jax.lax.cummin(cap - a, axis=1))
+    prev = jnp.concatenate([n0_B[:, None], n[:, :-1]], axis=1)
+    return n > prev, n
+
+
+def biased_attention(q_BxLxHxD, k_BxHxSxD, v_BxHxSxD, bias_BxLxS):
+    """Attention of L queries over S heads-first keys with an additive fp32 bias (NEG_INF: invisible)."""
+    d = q_BxLxHxD.shape[-1]
+    s = jnp.einsum("blhd,bhsd->bhls", q_BxLxHxD, k_BxHxSxD, preferred_element_type=jnp.float32) / math.sqrt(d)
+    p = jax.nn.softmax(s + bias_BxLxS[:, None], axis=-1).astype(v_BxHxSxD.dtype)
+    o = jnp.einsum("bhls,bhsd->blhd", p, v_BxHxSxD, preferred_element_type=jnp.float32)
+    return o.astype(q_BxLxHxD.dtype)
+
+
+def replication_bias(n_keys: int, seg_BxL, own_BxL, counts_BxS):
+    """Log-multiplicity of each key kk (0 = null, k + 1 = concept k) for a token whose own concept is seg:
+    concept replication gathers key seg_s at every position s, so key kk < seg is replicated by all
+    counts[kk] tokens of concept kk, key seg by the `own` tokens of t's concept up to t; later keys are
+    invisible."""
+    kk = jnp.arange(n_keys, dtype=jnp.int32)[None, None, :]
+    seg = seg_BxL[:, :, None]
+    closed = jnp.log(jnp.maximum(counts_BxS[:, None, :n_keys], 1).astype(jnp.float32))
+    own = jnp.log(jnp.maximum(own_BxL, 1).astype(jnp.float32))[:, :, None]
+    return jnp.where(kk < seg, closed, jnp.where(kk == seg, own, NEG_INF))
 
 
 def _identity_init(key, shape, dtype=jnp.float32):
@@ -228,6 +337,9 @@ class DLCMLM(LM):
         dt, pdt = self._init_embed(cfg, rngs)
         kw = dict(rngs=rngs, dtype=dt, param_dtype=pdt)
         d, c = cfg.d_model, cfg.d_concept
+        if cfg.mup and cfg.tie_embeddings:  # muP: an embedding's init does not shrink with width
+            emb = self.embed.embedding
+            emb[...] = emb[...] * jnp.asarray(math.sqrt(cfg.s_token), emb.dtype)
         enc_cfg, dec_cfg = cfg.token_stack(cfg.enc_layers), cfg.token_stack(cfg.dec_layers)
         self.enc_blocks = nnx.List([attention_block(enc_cfg, rngs=rngs) for _ in range(cfg.enc_layers)])
         self.enc_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)
@@ -260,6 +372,26 @@ class DLCMLM(LM):
         mean = sum_f32 / jnp.maximum(cnt, 1).astype(jnp.float32)[..., None]
         return self.w_up(mean.astype(self.dtype))
 
+    def _out(self, y):
+        """Logits, times 1/s_token under muP (Eq. 21)."""
+        logits = self._logits(y)
+        return logits * (1.0 / self.cfg.s_token) if self.cfg.mup and self.cfg.s_token != 1.0 else logits
+
+    def _raw_boundaries(self, tokens, p, pos, rng=None):
+        """Boundary decisions before the slot cap: sampled (training) or p >= eval_threshold, forced at
+        position 0 and at every document start (the document separator token)."""
+        if rng is None:
+            bnd = p >= self.cfg.eval_threshold
+        else:
+            bnd = jax.random.bernoulli(rng, jax.lax.stop_gradient(sharpen(p, self.cfg.sharpen)))
+        return bnd | self._forced(tokens, pos)
+
+    def _forced(self, tokens, pos):
+        forced = pos == 0
+        if self.cfg.doc_start_id >= 0:
+            forced = forced | (tokens == self.cfg.doc_start_id)
+        return forced
+
     def _null_kv(self, b):
         z0 = jnp.broadcast_to(self.null_concept[...].astype(self.dtype), (b, 1, self.cfg.d_concept))
         return self.cross.kv(z0)
@@ -272,80 +404,136 @@ class DLCMLM(LM):
         return u
 
     # ---- training / evaluation forward -------------------------------------------------------------------
-    def _encode(self, tokens_BxL, prefix_len_B=None, rng=None):
-        """Encoder states h, boundary probabilities p (fp32, p = 1 at position 0) and boundaries b."""
+    def _encode(self, tokens_BxL, prefix_len_B=None, rng=None, raw_BxL=None):
+        """Encoder states h, boundary probabilities p (fp32, 1 where a boundary is forced), the boundaries b
+        under the slot cap, and the raw decisions before the cap. `raw_BxL` replaces the decisions (tests,
+        analysis): the forced boundaries and the cap still apply."""
         pos = full_positions(*tokens_BxL.shape)
         h = self.enc_norm(self._stack(self.enc_blocks, self._embed(tokens_BxL), pos, prefix_len_B))
         q, k = self.w_q(h), self.w_k(h)
         q_prev = jnp.concatenate([jnp.zeros_like(q[:, :1]), q[:, :-1]], axis=1)
-        first = pos == 0
-        p = jnp.where(first, 1.0, boundary_prob(q_prev, k))
-        if rng is None:
-            bnd = p >= 0.5
+        forced = self._forced(tokens_BxL, pos)
+        p = jnp.where(forced, 1.0, boundary_prob(q_prev, k))
+        if raw_BxL is None:
+            raw = self._raw_boundaries(tokens_BxL, p, pos, rng)
         else:
-            bnd = jax.random.bernoulli(rng, jax.lax.stop_gradient(sharpen(p, self.cfg.sharpen)))
-        return h, p, jax.lax.stop_gradient(bnd | first), pos
+            raw = jnp.asarray(raw_BxL, bool) | forced
+        raw = jax.lax.stop_gradient(raw)
+        zero = jnp.zeros((tokens_BxL.shape[0],), jnp.int32)
+        bnd, _ = capped_boundaries(raw, pos, zero, self.cfg.slot_rate, self.cfg.concept_slack)
+        return h, p, bnd, raw, pos
 
     def boundaries(self, tokens_BxL, prefix_len_B=None, *, rng=None):
         """(p, b): boundary probabilities and decisions (b_t = 1: token t starts a concept), for analysis."""
-        _, p, bnd, _ = self._encode(tokens_BxL, prefix_len_B, rng)
+        _, p, bnd, _, _ = self._encode(tokens_BxL, prefix_len_B, rng)
         return p, bnd
 
-    def __call__(self, tokens_BxL, prefix_len_B=None, *, rng=None):
-        """Logits (fp32) and aux. With `rng` (training), boundaries are sampled; without, p >= 0.5.
+    def __call__(self, tokens_BxL, prefix_len_B=None, *, rng=None, raw_boundaries=None):
+        """Logits (fp32) and aux. With `rng` (training), boundaries are sampled; without, p >= threshold.
+        `raw_boundaries` [B, L] (tests, analysis) fixes the decisions before the forced ones and the cap.
 
         Prefix-LM: the token stacks see the prefix bidirectionally; the concept path stays causal, which
         keeps every target's prediction free of later targets.
         """
         cfg = self.cfg
         b, l = tokens_BxL.shape
-        h, p, bnd, pos = self._encode(tokens_BxL, prefix_len_B, rng)
+        h, p, bnd, raw, pos = self._encode(tokens_BxL, prefix_len_B, rng, raw_boundaries)
         seg = jnp.cumsum(bnd.astype(jnp.int32), axis=1) - 1  # t's own concept; 0 .. seg-1 are closed
 
-        # concepts: segment means (fp32 sums), dropping concepts beyond the slot budget
-        m = min(cfg.max_concepts or l, l)
-        seg_m = jnp.where(seg < m, seg, m)  # out of range: dropped by segment_sum
+        # concepts: segment means (fp32 sums) in the slots the cap allows (never fewer than needed)
+        m = cfg.concept_slots_for(l)
         pool = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, m, indices_are_sorted=True))
-        sums = pool(h.astype(jnp.float32), seg_m)
-        cnts = pool(jnp.ones((b, l), jnp.int32), seg_m)
+        sums = pool(h.astype(jnp.float32), seg)
+        cnts = pool(jnp.ones((b, l), jnp.int32), seg)
         z = self.bb_norm(self._stack(self.bb_blocks, self._concepts_in(sums, cnts), full_positions(b, m)))
 
         # strict cross-attention: key kk (0 = null, k + 1 = concept k) visible iff kk <= seg_t
         kz, vz = self.cross.kv(z)
         k0, v0 = self._null_kv(b)
         keys, vals = jnp.concatenate([k0, kz], axis=1), jnp.concatenate([v0, vz], axis=1)
-        vis = jnp.arange(m + 1, dtype=jnp.int32)[None, None, :] <= seg[:, :, None]
-        o = masked_attention(self.cross.query(h), keys, vals, vis)
+        q = self.cross.query(h)
+        if cfg.cross_weighting == "replicated":
+            start = jax.lax.cummax(jnp.where(bnd, pos, 0), axis=1)  # t's concept starts here
+            counts = jnp.concatenate([cnts, jnp.zeros((b, 1), jnp.int32)], axis=1)  # key kk <- concept kk
+            bias = replication_bias(m + 1, seg, pos - start + 1, counts)
+            o = biased_attention(q, keys.transpose(0, 2, 1, 3), vals.transpose(0, 2, 1, 3), bias)
+        else:
+            vis = jnp.arange(m + 1, dtype=jnp.int32)[None, None, :] <= seg[:, :, None]
+            o = masked_attention(q, keys, vals, vis)
         y = self._stack(self.dec_blocks, self._fuse(h, o), pos, prefix_len_B)
 
-        f = jnp.mean(bnd.astype(jnp.float32))  # no gradient (discrete)
+        # Global Parser over the whole (global) batch: F of the realised boundaries (no gradient), G = mean p
+        f = jnp.mean(bnd.astype(jnp.float32))
         g = jnp.mean(p)
         l_aux = parser_loss(f, g, cfg.target_ratio)
-        n_concepts = seg[:, -1] + 1
         aux = {"loss_parser": cfg.aux_weight * l_aux, "parser_aux": l_aux, "boundary_rate": f,
                "boundary_prob": g, "tokens_per_concept": 1.0 / f,
-               "concept_overflow": jnp.mean((n_concepts > m).astype(jnp.float32))}
-        return self._logits(y), aux
+               "concept_capped": jnp.sum(raw & ~bnd) / jnp.maximum(jnp.sum(raw), 1)}
+        return self._out(y), aux
+
+    def _param_count(self, *mods) -> int:
+        return sum(x.size for m in mods for x in jax.tree.leaves(nnx.state(m, nnx.Param)) if x.ndim >= 2)
+
+    def _split_params(self):
+        """(per-token matrix parameters incl. the head, per-concept matrix parameters)."""
+        cfg = self.cfg
+        per_token = self._param_count(self.enc_blocks, self.dec_blocks, self.w_q, self.w_k, self.cross.q,
+                                      self.cross.o)
+        per_token += self._param_count(self.cross_ffn) if cfg.cross_mlp else 0
+        per_token += cfg.vocab_size * cfg.d_model  # the head (tied or not)
+        per_concept = self._param_count(self.bb_blocks, self.w_up, self.cross.k, self.cross.v)
+        return per_token, per_concept
 
     def flops_per_token(self, seq_len: int) -> float:
         """Model FLOPs per token of the training step as executed (6 N_matmul + 12 L d_attn per attention,
-        causal attention counted in full as in bench_train): the backbone runs over all the static concept
-        slots (max_concepts or seq_len), whatever the realised number of concepts."""
+        causal attention counted in full as in bench_train): the backbone runs over the static concept slots
+        of a seq_len window (`concept_slots_for`, about concept_slots / R per token)."""
         cfg = self.cfg
-
-        def n(*mods):
-            return sum(x.size for m in mods for x in jax.tree.leaves(nnx.state(m, nnx.Param)) if x.ndim >= 2)
-
-        m = min(cfg.max_concepts or seq_len, seq_len)
-        per_token = n(self.enc_blocks, self.dec_blocks, self.w_q, self.w_k, self.cross.q, self.cross.o)
-        per_token += n(self.cross_ffn) if cfg.cross_mlp else 0
-        per_token += cfg.vocab_size * cfg.d_model  # the head (tied or not)
-        per_slot = n(self.bb_blocks, self.w_up, self.cross.k, self.cross.v)
+        per_token, per_slot = self._split_params()
+        m = cfg.concept_slots_for(seq_len)
         bb = cfg.backbone_stack()
         attn = attention_flops_per_token(cfg.enc_layers + cfg.dec_layers, seq_len, cfg.n_heads, cfg.hd)
         attn += attention_flops_per_token(cfg.bb_layers, m, bb.n_heads, bb.hd) * m / seq_len
         attn += attention_flops_per_token(1, m + 1, cfg.cross_heads, cfg.cross_hd)
         return 6.0 * (per_token + per_slot * m / seq_len) + attn
+
+    def inference_flops_per_token(self, context: int, tokens_per_concept: float) -> float:
+        """Forward FLOPs per generated token at a context of `context` tokens, with a concept closing every
+        `tokens_per_concept` tokens (2 N_matmul, and 4 T d_attn per attention over its keys, in full): the
+        token side runs every token, the backbone, W_up and the cross K/V once per concept."""
+        cfg = self.cfg
+        per_token, per_concept = self._split_params()
+        n_con = context / tokens_per_concept
+        bb = cfg.backbone_stack()
+        attn = attention_flops_per_token(cfg.enc_layers + cfg.dec_layers, context, cfg.n_heads, cfg.hd)
+        attn += attention_flops_per_token(cfg.bb_layers, n_con, bb.n_heads, bb.hd) / tokens_per_concept
+        attn += attention_flops_per_token(1, n_con + 1, cfg.cross_heads, cfg.cross_hd)
+        return 2.0 * (per_token + per_concept / tokens_per_concept) + attn / 3.0
+
+    def optimizer_groups(self, params):
+        """Decoupled muP (the hook train/loop.py's make_optimizer calls): (labels like `params`, {label:
+        (lr multiplier, eps multiplier)}). Matrices of the token side (encoder, decoder, boundary projections,
+        cross-attention Q/O and its MLP) are "token"; of the concept side (backbone, W_up, cross-attention
+        K/V) "concept"; embeddings, the head, norms and the null concept "other" (train.lr). None without
+        muP (one AdamW for everything)."""
+        cfg = self.cfg
+        if not cfg.mup:
+            return None
+        concept_keys = {"bb_blocks", "w_up"}
+
+        def label(path, x):
+            keys = [str(k.key) for k in path if hasattr(k, "key")]
+            if x.ndim < 2 or keys[0] in ("embed", "head", "null_concept"):
+                return "other"
+            if keys[0] in concept_keys or (keys[0] == "cross" and keys[1] in ("k", "v")):
+                return "concept"
+            return "token"
+
+        labels = jax.tree_util.tree_map_with_path(label, params)
+        mults = {"token": (cfg.mup_lr_token / cfg.s_token, 1.0 / cfg.s_token),
+                 "concept": (cfg.mup_lr_concept / cfg.s_concept, 1.0 / cfg.s_concept),
+                 "other": (1.0, 1.0)}
+        return labels, mults
 
     # ---- decoding contract --------------------------------------------------------------------------------
     def cache_capacity(self, max_len: int) -> int:
@@ -354,7 +542,8 @@ class DLCMLM(LM):
         return round_up(max_len, self.cfg.attn_block)
 
     def _concept_capacity(self, max_len: int) -> int:
-        return round_up(max_len + 1, self.cfg.attn_block)
+        """Cross slots: the null concept and every concept the cap allows over the token cache's positions."""
+        return round_up(self.cfg.concept_slots_for(self.cache_capacity(max_len)) + 1, self.cfg.attn_block)
 
     def init_cache(self, batch: int, max_len: int) -> Cache:
         cfg = self.cfg
@@ -365,7 +554,8 @@ class DLCMLM(LM):
             J=jnp.zeros((batch,), jnp.int32), seg_sum=jnp.zeros((batch, cfg.d_model), jnp.float32),
             seg_cnt=jnp.zeros((batch,), jnp.int32), prev_h=jnp.zeros((batch, cfg.d_model), self.dtype),
             backbone=tuple(blk.init_cache(batch, sc) for blk in self.bb_blocks),
-            cross=KVCache(jnp.zeros(x_shape, self.dtype), jnp.zeros(x_shape, self.dtype)))
+            cross=KVCache(jnp.zeros(x_shape, self.dtype), jnp.zeros(x_shape, self.dtype)),
+            counts=jnp.zeros((batch, sc), jnp.int32) if cfg.cross_weighting == "replicated" else None)
         enc = tuple(blk.init_cache(batch, s) for blk in self.enc_blocks)
         dec = tuple(blk.init_cache(batch, s) for blk in self.dec_blocks)
         return Cache(jnp.zeros((batch,), jnp.int32), (*enc, concept, *dec))
@@ -393,9 +583,12 @@ class DLCMLM(LM):
             enc.append(c)
         h = self.enc_norm(x)
 
-        # boundaries: token i closes the open concept iff it starts a new one at a position > 0
+        # boundaries: token i closes the open concept iff it starts a new one at a position > 0 (the same
+        # forced boundaries and slot cap as the full forward; n0 counts the open concept of a non-empty row)
         h_prev = jnp.concatenate([cc.prev_h[:, None].astype(h.dtype), h[:, :-1]], axis=1)
-        bnd = boundary_prob(self.w_q(h_prev), self.w_k(h)) >= 0.5
+        raw = self._raw_boundaries(tokens_BxK, boundary_prob(self.w_q(h_prev), self.w_k(h)), pos)
+        n0 = j0 + (cache.lengths > 0).astype(jnp.int32)
+        bnd, _ = capped_boundaries(raw, pos, n0, cfg.slot_rate, cfg.concept_slack)
         close = bnd & (pos > 0)
         c_idx = jnp.cumsum(close.astype(jnp.int32), axis=1)  # closes so far in the block
         j_after = j0[:, None] + c_idx  # closed concepts visible to token i
@@ -426,16 +619,25 @@ class DLCMLM(LM):
         cv = scatter_rows_heads_first(cc.cross.v, jnp.concatenate([v0, vz], axis=1), slots)
 
         # strict cross-attention: token i sees slots 0 .. J_i (null + closed concepts)
-        o = blocked_cache_attention(self.cross.query(h), ck, cv, j_after, block=cfg.attn_block, n_valid=n_con)
+        counts = cc.counts
+        if cfg.cross_weighting == "replicated":
+            # concept r closed in the block was replicated by its own tokens' successors: slot J0 + r holds
+            # the length of concept J0 + r (packed_cnt); slots past the new J are garbage, hence inert
+            counts = scatter_rows(counts, packed_cnt, j0[:, None] + ar)
+            bias = replication_bias(counts.shape[1], j_after, run_cnt, counts)
+            o = biased_attention(self.cross.query(h), ck, cv, bias)
+        else:
+            o = blocked_cache_attention(self.cross.query(h), ck, cv, j_after, block=cfg.attn_block,
+                                        n_valid=n_con)
         x = self._fuse(h, o)
         dec = []
         for blk_m, c in zip(self.dec_blocks, dec_c):
             x, c, _ = blk_m.extend(x, c, tok)
             dec.append(c)
 
-        concept = cc._replace(backbone=tuple(bb), cross=KVCache(ck, cv))
+        concept = cc._replace(backbone=tuple(bb), cross=KVCache(ck, cv), counts=counts)
         pending = ConceptPending(J=j_after, seg_sum=run_sum, seg_cnt=run_cnt, prev_h=h)
-        return self._logits(x), Cache(cache.lengths, (*enc, concept, *dec), pending)
+        return self._out(x), Cache(cache.lengths, (*enc, concept, *dec), pending)
 
     def commit(self, cache: Cache, n_B) -> Cache:
         if cache.pending is None:

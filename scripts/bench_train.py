@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from core.mesh import batch_sharding, batch_shards, make_mesh, param_shardings
     from models.contract import count_params
     from models.registry import build_model
-    from train.loop import Trainer, make_optimizer
+    from train.loop import Trainer, make_optimizer, optimizer_groups
 
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     fpt = float(model.flops_per_token(cfg.data.seq_len))
     graphdef, _ = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = make_optimizer(cfg.train, model.decay_mask(params))
+    tx = make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params))
     trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     trainer.build_steps()

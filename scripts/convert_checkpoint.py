@@ -48,7 +48,7 @@ def convert(old: Path, new: Path) -> list[int]:
     from core import checkpoint
     from core.config import load_config
     from models.registry import build_model
-    from train.loop import make_optimizer
+    from train.loop import make_optimizer, optimizer_groups
 
     if not (old / "config.toml").is_file() or not (old / "checkpoints").is_dir():
         raise UserError(f"not a run directory with checkpoints: {old}")
@@ -67,7 +67,8 @@ def convert(old: Path, new: Path) -> list[int]:
         model = build_model(cfg.model, seed=0)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         # The optimizer state's tree does not depend on the decay mask (the mask only gates the decay term).
-        opt = jax.eval_shape(make_optimizer(cfg.train, model.decay_mask(params)).init, params)
+        opt = jax.eval_shape(make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params)).init,
+                             params)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                               {"params": params, "opt": opt, "step": jax.ShapeDtypeStruct((), jnp.int32)})
         legacy = {v: k for k, v in LEGACY_NAMES.items()}

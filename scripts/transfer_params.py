@@ -91,7 +91,7 @@ def import_(src: Path, run_dir: Path) -> None:
     from core.config import load_config, save_config
     from models.layers import dtype_of
     from models.registry import build_model
-    from train.loop import make_optimizer
+    from train.loop import make_optimizer, optimizer_groups
 
     if not (src / "manifest.json").is_file() or not (src / "config.toml").is_file():
         raise UserError(f"not an export of scripts/transfer_params.py (needs manifest.json and config.toml): {src}")
@@ -121,7 +121,7 @@ def import_(src: Path, run_dir: Path) -> None:
         a = np.frombuffer(blob[e["offset"]:e["offset"] + e["nbytes"]], dtype=src_dt).reshape(e["shape"])
         leaves.append(jnp.asarray(a, x.dtype))
     params = jax.tree_util.tree_unflatten(treedef, leaves)
-    state = {"params": params, "opt": make_optimizer(cfg.train, model.decay_mask(params)).init(params),
+    state = {"params": params, "opt": make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params)).init(params),
              "step": jnp.asarray(man["step"], jnp.int32)}
     tmp = _staging(run_dir)
     try:

@@ -80,12 +80,35 @@ def lr_schedule(cfg) -> optax.Schedule:
                                               end_value=cfg.lr * cfg.min_lr_ratio)
 
 
-def make_optimizer(cfg, decay_mask) -> optax.GradientTransformation:
+def optimizer_groups(model, params):
+    """The model's per-component optimizer groups (`model.optimizer_groups(params)`: labels like the params
+    and {label: (lr multiplier, eps multiplier)}), or None: one AdamW for everything (every model without
+    the hook, and DLCM without muP)."""
+    hook = getattr(model, "optimizer_groups", None)
+    return None if hook is None else hook(params)
+
+
+def make_optimizer(cfg, decay_mask, groups=None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping. `decay_mask` is the model's `model.decay_mask(params)`: a pytree of
-    bools like the parameters, True where weight decay applies."""
+    bools like the parameters, True where weight decay applies. `groups` (from `optimizer_groups`): one
+    AdamW per component through optax.multi_transform, each with the schedule times its lr multiplier and
+    eps 1e-8 times its eps multiplier (DLCM's decoupled muP); the clipping stays global."""
+    if groups is None:
+        return optax.chain(
+            optax.clip_by_global_norm(cfg.grad_clip),
+            optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
+        )
+    labels, mults = groups
+    schedule = lr_schedule(cfg)
+
+    def group(name, lr_mult, eps_mult):
+        mask = jax.tree.map(lambda lab, m: m if lab == name else optax.MaskedNode(), labels, decay_mask)
+        return optax.adamw(lambda step: schedule(step) * lr_mult, b1=cfg.b1, b2=cfg.b2, eps=1e-8 * eps_mult,
+                           weight_decay=cfg.weight_decay, mask=mask)
+
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
+        optax.multi_transform({name: group(name, *m) for name, m in mults.items()}, labels),
     )
 
 
@@ -162,8 +185,9 @@ class Trainer:
                                        self.abstract_params, self.param_sh)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_sh,
-                                       transform_non_params=lambda _: repl)
+        masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 (multi_transform: other groups' slots)
+        opt_sh = optax.tree_map_params(self.tx, lambda x, s: x if masked(x) else s, abstract_opt, self.param_sh,
+                                       transform_non_params=lambda _: repl, is_leaf=masked)
         return {"params": self.param_sh, "opt": opt_sh, "step": repl}
 
 
@@ -266,7 +290,7 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
     n_params = count_params(model)
     graphdef, _ = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = make_optimizer(cfg.train, model.decay_mask(params))
+    tx = make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params))
     trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     trainer.build_steps()
