@@ -74,9 +74,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
     return {"params": out["params"], **out["train_state"]}
 
 
-def load_model(run_dir, step: int | None = None, *, dtype: str | None = None):
+def load_model(run_dir, step: int | None = None, *, dtype: str | None = None, mesh=None):
     """(cfg, model, step) for the latest (or given) checkpoint of a run directory. Restores only the "params"
-    item: no optimizer is built or read.
+    item: no optimizer is built or read. With `mesh` (core.mesh.make_mesh) the parameters are restored
+    straight into their shardings on it (whatever mesh saved them); without, onto the default device.
 
     Raises UserError for a missing run, a missing step, a checkpoint of the old layout, or a checkpoint whose
     parameters do not match the run's config (a foreign checkpoint).
@@ -99,9 +100,16 @@ def load_model(run_dir, step: int | None = None, *, dtype: str | None = None):
         elif step not in steps:
             raise UserError(f"no checkpoint at step {step} in {run_dir}; available: {sorted(steps)}")
         check_layout(mngr, step, run_dir)
-        model = build_model(cfg.model, seed=0)
+        # Shapes only: the checkpoint replaces every parameter, so a random initialisation would cost compiles
+        # and memory for nothing.
+        model = nnx.eval_shape(lambda: build_model(cfg.model, seed=0))
         graphdef, params = nnx.split(model, nnx.Param)
         target = _abstract(nnx.to_pure_dict(params))
+        if mesh is not None:
+            from core.mesh import param_shardings
+
+            target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), target,
+                                  param_shardings(model, mesh))
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # orbax raises assorted types for structure/shape mismatches
