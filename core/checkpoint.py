@@ -104,12 +104,16 @@ def load_model(run_dir, step: int | None = None, *, dtype: str | None = None, me
         # and memory for nothing.
         model = nnx.eval_shape(lambda: build_model(cfg.model, seed=0))
         graphdef, params = nnx.split(model, nnx.Param)
-        target = _abstract(nnx.to_pure_dict(params))
+        # Every target leaf names its sharding: orbax refuses a checkpoint written on another topology otherwise.
         if mesh is not None:
             from core.mesh import param_shardings
 
-            target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), target,
-                                  param_shardings(model, mesh))
+            shardings = param_shardings(model, mesh)
+        else:
+            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+                                     nnx.to_pure_dict(params))
+        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                              nnx.to_pure_dict(params), shardings)
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # orbax raises assorted types for structure/shape mismatches
