@@ -70,8 +70,8 @@ def _train(raw, mesh_name):
     mesh = make_mesh(cfg.mesh)
     corpus = Corpus.open(cfg.data, get_tokenizer(cfg.data.tokenizer))
     model = build_model(cfg.model, seed=cfg.train.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, pstate = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(pstate)
     tx = make_optimizer(cfg.train, model.decay_mask(params))
     trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
@@ -89,8 +89,8 @@ def _train(raw, mesh_name):
         metrics.append(m)
     metrics = {k: [float(m[k]) for m in metrics] for k in jax.device_get(metrics[0])}
     params = jax.device_get(state["params"])
-    nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), params)
-    return metrics, params, model
+    nnx.replace_by_pure_dict(pstate, params)
+    return metrics, params, nnx.merge(graphdef, pstate)  # the trained model
 
 
 @pytest.fixture(scope="module")
