@@ -313,9 +313,10 @@ def resume(run_dir: Path, target: dict, cfg: Config, *, keep: int, log=print):
     return manager(run_dir, keep=keep), found, state
 
 
-def load_model(run_dir, step: int | None = None, *, dtype: str | None = None):
+def load_model(run_dir, step: int | None = None, *, dtype: str | None = None, mesh=None):
     """(cfg, model, step) for the latest (or given) checkpoint of a run directory. Restores only the "params"
-    item: no optimizer is built or read.
+    item: no optimizer is built or read. With `mesh` (core.mesh.make_mesh) the parameters are restored
+    straight into their shardings on it (whatever mesh saved them); without, onto the default device.
 
     Raises UserError for a missing run, a missing step, a checkpoint of the old layout, or a checkpoint whose
     parameters do not match the run's config (a foreign checkpoint).
@@ -348,9 +349,20 @@ def load_model(run_dir, step: int | None = None, *, dtype: str | None = None):
             raise UserError(f"checkpoint {step} in {run_dir} is damaged ({problem}); intact steps: "
                             f"{good_steps(run_dir) or 'none'}")
         check_layout(mngr, step, run_dir)
-        model = build_model(cfg.model, seed=0)
+        # Shapes only: the checkpoint replaces every parameter, so a random initialisation would cost compiles
+        # and memory for nothing.
+        model = nnx.eval_shape(lambda: build_model(cfg.model, seed=0))
         graphdef, params = nnx.split(model, nnx.Param)
-        target = _abstract(nnx.to_pure_dict(params))
+        # Every target leaf names its sharding: orbax refuses a checkpoint written on another topology otherwise.
+        if mesh is not None:
+            from core.mesh import param_shardings
+
+            shardings = param_shardings(model, mesh)
+        else:
+            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+                                     nnx.to_pure_dict(params))
+        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                              nnx.to_pure_dict(params), shardings)
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # orbax raises assorted types for structure/shape mismatches

@@ -101,6 +101,13 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Multi-host (python -m train, train/loop.py `distributed_settings`): jax.distributed is initialised when a
+    # coordinator "host:port" is given here, by JAX_COORDINATOR_ADDRESS or by --coordinator (command line over
+    # environment over config). process_id -1: from JAX_PROCESS_ID or --process-id (or auto-detected on a
+    # TPU VM / SLURM); num_processes 0: likewise from JAX_NUM_PROCESSES / --num-processes.
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
 
     def validate(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}

@@ -30,6 +30,15 @@ RULES: dict[str, object] = {
     "dt_rank": None,
 }
 
+# Decoding caches (models/contract.py), by cache type name: the logical axes of each field. Every other cache
+# array (lengths, DLCM's J / open-concept sums, pending scan inputs, ...) splits its leading (batch) axis only.
+# Keyed by name so that core/ imports no model module.
+CACHE_AXES: dict[str, dict[str, tuple]] = {
+    "KVCache": {"k": ("batch", "kv_heads", None, None), "v": ("batch", "kv_heads", None, None)},  # [B, G, S, D]
+    "RingCache": {"k": ("batch", None, "kv_heads", None), "v": ("batch", None, "kv_heads", None)},  # [B, W, G, D]
+    "MambaCache": {"conv": ("batch", None, "inner"), "ssm": ("batch", "inner", "state")},  # [B, K-1, E], [B, E, N]
+}
+
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
@@ -91,3 +100,33 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def batch_shards(mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def state_shardings(state, mesh):
+    """NamedShardings for every leaf of `jax.tree.leaves(state)` of an `nnx.State` (parameters by their logical
+    axes, any other variable replicated), in that order."""
+    leaves = jax.tree.leaves(state)
+    specs = jax.tree.leaves(nnx.get_partition_spec(state), is_leaf=lambda s: s is None or isinstance(s, P))
+    if len(specs) != len(leaves):  # a variable without sharding metadata flattens to nothing: replicate all
+        specs = [None] * len(leaves)
+    return [logical_to_sharding(s, x.shape, mesh) for s, x in zip(specs, leaves)]
+
+
+def cache_shardings(cache, mesh):
+    """NamedShardings for a decoding cache (same tree): batch over data x fsdp, KV heads and Mamba channels over
+    tensor (where they divide evenly; CACHE_AXES)."""
+    def node(x):
+        fields = CACHE_AXES.get(type(x).__name__)
+        if fields is not None:
+            return type(x)(*(logical_to_sharding(fields[f], getattr(x, f).shape, mesh) for f in x._fields))
+        if x is None:
+            return None
+        return logical_to_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh) if x.ndim else \
+            NamedSharding(mesh, P())
+
+    return jax.tree.map(node, cache, is_leaf=lambda x: type(x).__name__ in CACHE_AXES)
+
+
+def batch_rows_sharding(x, mesh) -> NamedSharding:
+    """Rows of a [B, ...] array over data x fsdp when B divides evenly, else replicated."""
+    return logical_to_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)

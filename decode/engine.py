@@ -54,7 +54,7 @@ class Engine:
     def __init__(self, model, *, max_len: int, bos_id: int | None = None, pad_id: int = 0,
                  stop_ids: Sequence[int] = (), prefix_prompt: bool = False,
                  verify_sizes: Sequence[int] = VERIFY_SIZES, observe_k: int = 8, min_bucket: int = 16,
-                 max_stop_ids: int = 8):
+                 max_stop_ids: int = 8, mesh=None):
         self.verify_sizes = tuple(sorted(set(int(k) for k in verify_sizes)))
         if not self.verify_sizes or self.verify_sizes[0] < 0 or self.verify_sizes[-1] < 1:
             raise UserError(f"verify_sizes must be integers >= 0, one of them positive; got {tuple(verify_sizes)}")
@@ -69,7 +69,15 @@ class Engine:
         # Hand the jitted functions a flat list of arrays, not the nnx.State: flattening the State's Variable
         # nodes in Python on every call cost ~1.4 ms per verify step (more than a tiny model's forward).
         self.params, params_def = jax.tree.flatten(state)
-        self._host = Host(self.verify_sizes[-1])  # serves one speculative request at a time
+        # A mesh (core.mesh.make_mesh): parameters sharded by their logical axes (fsdp / tensor), and each
+        # request's rows and cache over data x fsdp, KV heads and Mamba channels over tensor (core.mesh).
+        self.mesh = mesh
+        if mesh is not None:
+            from core.mesh import state_shardings
+
+            self.params = jax.device_put(self.params, state_shardings(state, mesh))
+        # serves one speculative request at a time (on a mesh, from its first device)
+        self._host = Host(self.verify_sizes[-1], None if mesh is None else mesh.devices.flat[0])
         self._loops = Loops(graphdef, params_def, max_len=self.max_len, pad_id=self.pad_id,
                             verify_sizes=self.verify_sizes, prefix_prompt=self.prefix_prompt,
                             host_call=self._host.call)
@@ -96,8 +104,17 @@ class Engine:
         return prepare(self.limits, prompts, **kw)
 
     def _start(self, req: Request, observe_k: int = 0):
-        return self._loops.prefill(self.params, req.tokens_BxS, req.plen_B, req.keys_Bx2, req.max_new_B, req.stop_S,
-                                   req.knobs, observe_k=observe_k)
+        rows = (req.tokens_BxS, req.plen_B, req.keys_Bx2, req.max_new_B)
+        if self.mesh is not None:
+            from core.mesh import batch_rows_sharding
+
+            rows = [jax.device_put(x, batch_rows_sharding(x, self.mesh)) for x in rows]
+        state, topk = self._loops.prefill(self.params, *rows, req.stop_S, req.knobs, observe_k=observe_k)
+        if self.mesh is not None:  # a no-op where the compiler already propagated the row sharding
+            from core.mesh import cache_shardings
+
+            state = state._replace(cache=jax.device_put(state.cache, cache_shardings(state.cache, self.mesh)))
+        return state, topk
 
     def stream(self, prompts, *, max_new_tokens: int, chunk: int = 32, temperature=0.0, top_k=0, top_p=1.0,
                seed=0, stop_ids=None, batch_size=None, timing: dict | None = None) -> Iterator[list[np.ndarray]]:
@@ -265,7 +282,7 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
     return VerifyCost(sizes, tuple(iso))
 
 
-def engine_for_run(run_dir, *, step: int | None = None, prefix: bool | None = None, **kw):
+def engine_for_run(run_dir, *, step: int | None = None, prefix: bool | None = None, mesh=None, **kw):
     """(cfg, tokenizer, Engine) for a training run's checkpoint; EOS stops generation.
 
     `prefix` None: the prompt is read as a bidirectional prefix iff the run trained a prefix LM
@@ -275,12 +292,12 @@ def engine_for_run(run_dir, *, step: int | None = None, prefix: bool | None = No
     from core.checkpoint import load_model
     from core.tokenizer import get_tokenizer
 
-    cfg, model, _ = load_model(run_dir, step)
+    cfg, model, _ = load_model(run_dir, step, mesh=mesh)
     tok = get_tokenizer(cfg.data)
     if prefix is None:
         prefix = cfg.train.objective == "prefix"
     engine = Engine(model, max_len=cfg.decode.max_len, bos_id=tok.bos_id, pad_id=tok.pad_id,
-                    stop_ids=(tok.eos_id,), prefix_prompt=prefix, **kw)
+                    stop_ids=(tok.eos_id,), prefix_prompt=prefix, mesh=mesh, **kw)
     return cfg, tok, engine
 
 

@@ -25,8 +25,12 @@ except ImportError:  # older or newer JAX without it
 from decode.request import Request
 
 
-def host_callback(fn, shape: jax.ShapeDtypeStruct, x):
-    """`fn(x as numpy) -> numpy array of shape`, run on the host from inside a jitted function."""
+def host_callback(fn, shape: jax.ShapeDtypeStruct, x, device=None):
+    """`fn(x as numpy) -> numpy array of shape`, run on the host from inside a jitted function. `device`: the
+    one device that calls the host when the jitted function is partitioned over a mesh (a side effect must
+    not be replicated)."""
+    if device is not None:
+        return io_callback(fn, shape, x, ordered=False, sharding=jax.sharding.SingleDeviceSharding(device))
     if buffer_callback is not None and jax.default_backend() == "cpu":
         def write(ctx, out, x):  # CPU buffers are host memory: numpy views, no copies
             np.asarray(out)[...] = fn(np.asarray(x))
@@ -42,8 +46,9 @@ def observing(drafters: Sequence) -> bool:
 class Host:
     """The speculative loop's host callback for one engine; it serves one `SpeculativeRun` at a time."""
 
-    def __init__(self, max_verify: int):
+    def __init__(self, max_verify: int, device=None):
         self.km = int(max_verify) + 1
+        self.device = device  # set when the engine runs on a mesh (see host_callback)
         self.run: SpeculativeRun | None = None
 
     @property
@@ -52,7 +57,7 @@ class Host:
 
     def call(self, shape: jax.ShapeDtypeStruct, emitted):
         """Traced side (inside the jitted loop): `step` on the host."""
-        return host_callback(self.step, shape, emitted)
+        return host_callback(self.step, shape, emitted, self.device)
 
     def step(self, emitted):
         """[out (K+1) | count | top-k ids] per row in, [inputs | length | live] out."""

@@ -45,7 +45,7 @@ def run_one(cfg, steps: int, log) -> dict:
     from models.registry import build_model
     from train.loop import LN2, Trainer, make_optimizer, optimizer_groups
 
-    tok = get_tokenizer(cfg.data.tokenizer)
+    tok = get_tokenizer(cfg.data)
     corpus = Corpus.open(cfg.data, tok)
     mesh = make_mesh(cfg.mesh)
     model = build_model(cfg.model, seed=cfg.train.seed)

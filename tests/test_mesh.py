@@ -1,17 +1,14 @@
-import json
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from core.config import MeshConfig, from_dict
+from core.config import MeshConfig
 from core.errors import UserError
-from core.mesh import make_mesh, mesh_shape, param_shardings
+from core.mesh import cache_shardings, make_mesh, mesh_shape, param_shardings
 from models.decoder import DecoderConfig, DecoderLM
-from tests.test_train import _raw
-from train.loop import train
+from train.loop import distributed_settings
 
 
 def test_mesh_shape_resolves_minus_one_and_rejects_bad_sizes():
@@ -38,47 +35,38 @@ def test_param_shardings_follow_logical_rules():
     assert sh["embed"]["embedding"].spec == P(None, "fsdp")  # vocab 259 is replicated
 
 
-def test_sharded_training_matches_single_device(tmp_path):
-    """Data, FSDP and tensor parallelism on 8 host devices give the single-device losses."""
-    runs = {}
-    for name, mesh in {"single": {"data": 1, "fsdp": 1, "tensor": 1},
-                       "dp_fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2}}.items():
-        raw = _raw(tmp_path, steps=6, eval_every=6, checkpoint_every=6, log_every=1)
-        raw["mesh"] = mesh
-        cfg = from_dict(raw, name)
-        runs[name] = train(cfg, tmp_path / name, log=lambda *_: None)
-        runs[name]["lines"] = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-    a = [json.loads(x)["loss"] for x in runs["single"]["lines"]]
-    b = [json.loads(x)["loss"] for x in runs["dp_fsdp_tp"]["lines"]]
-    np.testing.assert_allclose(a, b, rtol=2e-5)
-    assert abs(runs["single"]["val_bpb"] - runs["dp_fsdp_tp"]["val_bpb"]) < 1e-4
+def test_cache_shardings_split_rows_and_heads():
+    """Decoding caches: rows over data x fsdp; KV heads (global: axis 1, ring: axis 2) and Mamba channels over
+    tensor; a dimension that does not divide evenly is replicated."""
+    from models.contract import Cache, KVCache, MambaCache, RingCache
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    z = lambda *s: jax.ShapeDtypeStruct(s, np.float32)  # noqa: E731
+    cache = Cache(z(4), (KVCache(z(4, 2, 16, 8), z(4, 2, 16, 8)), RingCache(z(4, 8, 2, 8), z(4, 8, 2, 8)),
+                         MambaCache(z(4, 3, 64), z(4, 64, 4))), None)
+    sh = cache_shardings(cache, mesh)
+    rows = ("data", "fsdp")
+    assert sh.lengths.spec == P(rows)
+    assert sh.layers[0].k.spec == P(rows, "tensor", None, None)
+    assert sh.layers[1].v.spec == P(rows, None, "tensor", None)
+    assert sh.layers[2].conv.spec == P(rows, None, "tensor") and sh.layers[2].ssm.spec == P(rows, "tensor", None)
+    odd = cache_shardings(Cache(z(3), (KVCache(z(3, 1, 16, 8), z(3, 1, 16, 8)),), None), mesh)
+    assert odd.layers[0].k.spec == P(None, None, None, None)  # 3 rows, 1 KV head: replicated
 
 
-def test_two_processes_on_localhost_match_one_process(tmp_path):
-    """Multi-host path: jax.distributed over two local processes x 4 devices, each reading its batch shard."""
-    import os
-    import socket
-    import subprocess
-    import sys
+def test_distributed_settings_from_flags_environment_or_config():
+    mc = MeshConfig(coordinator="h:1", num_processes=4, process_id=2)
+    assert distributed_settings(MeshConfig(), environ={}) is None
+    assert distributed_settings(mc, environ={}) == ("h:1", 4, 2)
+    env = {"JAX_COORDINATOR_ADDRESS": "e:2", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed_settings(mc, environ=env) == ("e:2", 2, 1)  # environment over config
+    assert distributed_settings(mc, coordinator="c:3", process_id=0, environ=env) == ("c:3", 2, 0)  # flags first
+    assert distributed_settings(MeshConfig(), auto=True, environ={}) == (None, None, None)  # TPU / SLURM detect
+    for bad in ({"JAX_PROCESS_ID": "x", "JAX_COORDINATOR_ADDRESS": "e:2"}, {"JAX_PROCESS_ID": "1"},
+                {"JAX_COORDINATOR_ADDRESS": "e:2", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}):
+        with pytest.raises(UserError):
+            distributed_settings(MeshConfig(), environ=bad)
 
-    from core.config import dumps
 
-    raw = _raw(tmp_path, steps=4, eval_every=4, checkpoint_every=4, log_every=1)
-    (tmp_path / "c.toml").write_text(dumps(from_dict(raw, "mh")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "PYTHONPATH": root}
-    procs = [subprocess.Popen([sys.executable, "-m", "train", "c.toml", "--run-dir", "multi",
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    train(from_dict(raw, "mh"), tmp_path / "single", log=lambda *_: None)  # 8 devices, one process
-    a = [json.loads(x)["loss"] for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x)["loss"] for x in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
-    assert len(a) == len(b) == 4
-    np.testing.assert_allclose(a, b, rtol=2e-5)
+# Sharded training, decoding and restore for every architecture, and two processes on localhost:
+# tests/test_sharding.py.

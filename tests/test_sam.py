@@ -263,7 +263,7 @@ def test_build_sam_indexes_training_split(tmp_path):
     run = _tiny_run(tmp_path, [str(src / "*.py")])
     assert build_sam.main([str(run)]) == 0
     cfg = load_config(run / "config.toml")
-    tok = get_tokenizer(cfg.data.tokenizer)
+    tok = get_tokenizer(cfg.data)
     corpus = Corpus.open(cfg.data, tok)
     sam = SuffixAutomaton.load(run / "sam", tokenizer=tok.name, corpus_hash=corpus.key)
     np.testing.assert_array_equal(sam.tokens, corpus.train)

@@ -282,6 +282,7 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
     if cfg.data.batch_size % shards or cfg.data.batch_size % jax.process_count():
         raise UserError(f"data.batch_size {cfg.data.batch_size} must divide by data*fsdp = {shards} "
                         f"and by the process count {jax.process_count()}")
+    check_process_rows(mesh, cfg.data.batch_size)
     val = eval_batches(corpus.val, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
                        n_batches=cfg.train.eval_batches)
     get_batch(corpus.train, seed=0, step=0, batch_size=1, seq_len=cfg.data.seq_len)  # size check
@@ -441,6 +442,50 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
     return summary
 
 
+def check_process_rows(mesh, batch_size: int) -> None:
+    """Multi-host: each process reads rows [i B/P, (i+1) B/P) of the global batch (core.data.get_batch); the
+    mesh must place exactly those rows on the process's devices (data x fsdp spans the processes)."""
+    p, n = jax.process_index(), jax.process_count()
+    if n == 1:
+        return
+    local = batch_size // n
+    idx = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    rows = {r for s in idx.values() for r in range(*s[0].indices(batch_size))}
+    if rows != set(range(p * local, (p + 1) * local)):
+        raise UserError(f"mesh {dict(mesh.shape)} does not split the batch rows by process ({n} processes): "
+                        f"data*fsdp must be a multiple of the process count")
+
+
+def distributed_settings(mesh_cfg, *, coordinator=None, num_processes=None, process_id=None, auto=False,
+                         environ=os.environ):
+    """(coordinator, num_processes, process_id) for jax.distributed.initialize, or None for a single process.
+
+    Each setting comes from the command line, else the environment (JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID), else the config's [mesh] section; `auto` (--distributed) initialises
+    with whatever is given and lets JAX detect the rest (TPU VM, SLURM, Open MPI)."""
+    def pick(cli, env, conf, cast, unset):
+        if cli is not None:
+            return cli
+        if environ.get(env, "") != "":
+            try:
+                return cast(environ[env])
+            except ValueError:
+                raise UserError(f"{env} must be an integer; got {environ[env]!r}") from None
+        return conf if conf != unset else None
+
+    coord = pick(coordinator, "JAX_COORDINATOR_ADDRESS", mesh_cfg.coordinator, str, "")
+    num = pick(num_processes, "JAX_NUM_PROCESSES", mesh_cfg.num_processes, int, 0)
+    pid = pick(process_id, "JAX_PROCESS_ID", mesh_cfg.process_id, int, -1)
+    if not (auto or coord or (num or 0) > 1):
+        if pid not in (None, 0):
+            raise UserError(f"process id {pid} given without a coordinator (mesh.coordinator, "
+                            f"JAX_COORDINATOR_ADDRESS or --coordinator)")
+        return None
+    if num is not None and num < 1 or pid is not None and (pid < 0 or num is not None and pid >= num):
+        raise UserError(f"need 0 <= process id < number of processes; got {pid} of {num}")
+    return coord, num, pid
+
+
 def init_distributed(coordinator, num_processes, process_id) -> None:
     """jax.distributed.initialize; settings it rejects are the user's mistake (one line, exit 2)."""
     if coordinator is not None and (":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()):
@@ -462,19 +507,22 @@ def main(argv=None) -> int:
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() (auto-detected on TPU/SLURM, or give the "
                         "three options below)")
-    p.add_argument("--coordinator", default=None, help="host:port of process 0")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--coordinator", default=None,
+                   help="host:port of process 0 (else JAX_COORDINATOR_ADDRESS, else mesh.coordinator)")
+    p.add_argument("--num-processes", type=int, default=None, help="else JAX_NUM_PROCESSES, mesh.num_processes")
+    p.add_argument("--process-id", type=int, default=None, help="else JAX_PROCESS_ID, mesh.process_id")
     args = p.parse_intermixed_args(argv)  # overrides may follow --run-dir
-    distributed = args.distributed or args.coordinator is not None
-    if not distributed and (args.num_processes is not None or args.process_id is not None):
+    if not (args.distributed or args.coordinator is not None) and (args.num_processes is not None
+                                                                     or args.process_id is not None):
         raise UserError("--num-processes and --process-id need --coordinator (or --distributed)")
     # The config is checked first: a mistake in it ends every process at once, before any of them waits on
     # the coordinator.
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-    if distributed:
-        init_distributed(args.coordinator, args.num_processes, args.process_id)
+    dist = distributed_settings(cfg.mesh, coordinator=args.coordinator, num_processes=args.num_processes,
+                                process_id=args.process_id, auto=args.distributed)
+    if dist is not None:
+        init_distributed(*dist)
     try:
         summary = train(cfg, run_dir)
     except (NonFiniteLoss, checkpoint.NonFiniteParams, checkpoint.SaveFailed) as e:
