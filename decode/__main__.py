@@ -99,6 +99,9 @@ def main(argv=None) -> int:
 
     from decode.engine import engine_for_run, prefix_note
     from decode.prompts import encode_all, read_prompts
+    from core import compile_cache
+
+    compile_cache.enable()  # $LMARCH_COMPILE_CACHE or ~/.cache/lmarch/jax: a rerun loads, not compiles
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from core import checkpoint
+from core import checkpoint, compile_cache
 from core.config import Config, load_config, save_config, to_dict
 from core.data import Corpus, eval_batches, get_batch, prefix_lengths
 from core.errors import ArgumentParser, UserError, cli
@@ -124,6 +124,15 @@ class Trainer:
                                        transform_non_params=lambda _: repl)
         return {"params": self.param_sh, "opt": opt_sh, "step": repl}
 
+    def init_state(self, params) -> dict:
+        """The step-0 train state, every leaf committed to its sharding in `state_shardings()`: an uncommitted
+        leaf (a plain `jnp.zeros` step counter) is another jit cache key than the committed output of a step,
+        so the second step would compile `train_step` all over again (measured: a second full compile)."""
+        sh = self.state_shardings()
+        params = jax.device_put(params, sh["params"])
+        return {"params": params, "opt": jax.jit(self.tx.init, out_shardings=sh["opt"])(params),
+                "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
+
 
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -172,10 +181,8 @@ def train(cfg: Config, run_dir: Path, *, log=print) -> dict:
                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     trainer.build_steps()
     state_sh = trainer.state_shardings()
-    params = jax.device_put(params, trainer.param_sh)
     del model
-    state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
-             "step": jnp.zeros((), jnp.int32)}
+    state = trainer.init_state(params)
 
     lead = jax.process_index() == 0
     if not lead:
@@ -315,6 +322,9 @@ def main(argv=None) -> int:
     p.add_argument("--coordinator", default=None, help="host:port of process 0")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                   help="persistent XLA compilation cache (default: $LMARCH_COMPILE_CACHE, else "
+                        "~/.cache/lmarch/jax; 'off' disables it)")
     args = p.parse_intermixed_args(argv)  # overrides may follow --run-dir
     distributed = args.distributed or args.coordinator is not None
     if not distributed and (args.num_processes is not None or args.process_id is not None):
@@ -325,6 +335,7 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     if distributed:
         init_distributed(args.coordinator, args.num_processes, args.process_id)
+    compile_cache.enable(args.compile_cache)
     try:
         summary = train(cfg, run_dir)
     except NonFiniteLoss as e:  # not a user error: the run itself diverged (exit 1)
