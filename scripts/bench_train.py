@@ -100,7 +100,7 @@ def torch_worker(spec: dict) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     step()  # warm-up
     print(json.dumps({"ready": True, "params": int(params), "threads": torch.get_num_threads(),
