@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     from decode.drafters import DRAFTERS
     from decode.engine import default_max_draft, engine_for_run, prefix_note, verify_sizes_for
     from decode.prompts import encode_all, read_prompts
+    from core import compile_cache
+
+    compile_cache.enable()  # $LMARCH_COMPILE_CACHE or ~/.cache/lmarch/jax: a rerun loads, not compiles
 
     if args.drafter not in DRAFTERS:
         raise UserError(f"unknown drafter {args.drafter!r}; valid: {', '.join(DRAFTERS)}")

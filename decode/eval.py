@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     from decode.drafters import DRAFTERS, DraftPolicy, make_drafter
     from decode.engine import engine_for_run, prefix_note
     from decode.prompts import encode_all, read_prompts
+    from core import compile_cache
+
+    compile_cache.enable()  # $LMARCH_COMPILE_CACHE or ~/.cache/lmarch/jax: a rerun loads, not compiles
 
     drafters = [d for d in args.drafter.split(",") if d]
     valid = list(DRAFTERS)

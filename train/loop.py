@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from core import checkpoint, faults
+from core import checkpoint, compile_cache, faults
 from core.config import Config, load_config, save_config, to_dict
 from core.data import Corpus, eval_batches, get_batch, prefix_lengths
 from core.errors import ArgumentParser, UserError, cli
@@ -190,6 +190,15 @@ class Trainer:
                                        transform_non_params=lambda _: repl, is_leaf=masked)
         return {"params": self.param_sh, "opt": opt_sh, "step": repl}
 
+    def init_state(self, params) -> dict:
+        """The step-0 train state, every leaf committed to its sharding in `state_shardings()`: an uncommitted
+        leaf (a plain `jnp.zeros` step counter) is another jit cache key than the committed output of a step,
+        so the second step would compile `train_step` all over again (measured: a second full compile)."""
+        sh = self.state_shardings()
+        params = jax.device_put(params, sh["params"])
+        return {"params": params, "opt": jax.jit(self.tx.init, out_shardings=sh["opt"])(params),
+                "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
+
 
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -296,10 +305,8 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     trainer.build_steps()
     state_sh = trainer.state_shardings()
-    params = jax.device_put(params, trainer.param_sh)
     del model
-    state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
-             "step": jnp.zeros((), jnp.int32)}
+    state = trainer.init_state(params)
 
     lead = jax.process_index() == 0
     if not lead:
@@ -511,6 +518,9 @@ def main(argv=None) -> int:
                    help="host:port of process 0 (else JAX_COORDINATOR_ADDRESS, else mesh.coordinator)")
     p.add_argument("--num-processes", type=int, default=None, help="else JAX_NUM_PROCESSES, mesh.num_processes")
     p.add_argument("--process-id", type=int, default=None, help="else JAX_PROCESS_ID, mesh.process_id")
+    p.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                   help="persistent XLA compilation cache (default: $LMARCH_COMPILE_CACHE, else "
+                        "~/.cache/lmarch/jax; 'off' disables it)")
     args = p.parse_intermixed_args(argv)  # overrides may follow --run-dir
     if not (args.distributed or args.coordinator is not None) and (args.num_processes is not None
                                                                      or args.process_id is not None):
@@ -523,6 +533,7 @@ def main(argv=None) -> int:
                                 process_id=args.process_id, auto=args.distributed)
     if dist is not None:
         init_distributed(*dist)
+    compile_cache.enable(args.compile_cache)
     try:
         summary = train(cfg, run_dir)
     except (NonFiniteLoss, checkpoint.NonFiniteParams, checkpoint.SaveFailed) as e:
