@@ -367,6 +367,8 @@ class Progress:
 
     def __init__(self, plan: list[tuple[str, str, float]], log):
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
+        self.records: list[dict] = []  # per stage: wall and CPU seconds (CPU time is what a loaded machine gave us)
         self.plan = plan  # [(stage, run, train FLOPs or 0)]
         self.done: set[int] = set()
         self.seen: dict[str, list[float]] = {}
@@ -390,17 +392,19 @@ class Progress:
     @contextlib.contextmanager
     def stage(self, i: int, what: str):
         stage, run, flops = self.plan[i]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         info: dict = {"note": ""}
         try:
             yield info
         finally:
-            dt = time.perf_counter() - t
+            dt, cpu = time.perf_counter() - t, time.process_time() - c
             self.done.add(i)
+            self.records.append({"stage": stage, "run": run, "wall_s": round(dt, 2), "cpu_s": round(cpu, 2),
+                                 "cached": bool(info.get("cached"))})
             if info.get("cached"):
                 note = "cached"
             else:
-                note = f"{dt:.0f}s"
+                note = f"{dt:.0f}s, cpu {cpu:.0f}s"
                 if stage == "train" and flops and info.get("trained_flops"):
                     self.flop_rate.append((info["trained_flops"], dt))
                 elif stage != "train":
@@ -607,8 +611,13 @@ def machine() -> dict:
 
 
 # ==== the study ===============================================================================================
-def run_study(study: Study, *, log=print) -> dict:
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_study(study: Study, *, log=_say) -> dict:
     import jax  # noqa: F401  (imported here so that validation above needs no devices)
+    from flax import nnx
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from core.checkpoint import load_model
@@ -625,7 +634,7 @@ def run_study(study: Study, *, log=print) -> dict:
     # the plan, for the ETA: per run and seed a training stage; evaluation stages per run
     plan, train_flops = [], {}
     for r in study.runs:
-        model = build_model(r["cfgs"][0][1].model, seed=0)
+        model = nnx.eval_shape(lambda: build_model(r["cfgs"][0][1].model, seed=0))  # shapes only
         fpt = float(model.flops_per_token(study.budget["seq_len"]))
         del model
         for seed, _ in r["cfgs"]:
@@ -730,27 +739,32 @@ def run_study(study: Study, *, log=print) -> dict:
         run_dir = out / "runs" / f"{r['name']}_s{seed0}"
         mdir = run_dir / "measure"
         log_path = out / "logs" / f"{r['name']}_s{seed0}.log"
-        _, model, _ = load_model(run_dir)
+        loaded = {}
+
+        def model():  # loaded only when a measurement needs it (a rerun with everything cached loads nothing)
+            if "m" not in loaded:
+                loaded["m"] = load_model(run_dir)[1]
+            return loaded["m"]
         base_key = {"step": cfg.train.steps}
         with prog.stage(next(idx), "params and FLOPs per token") as info:
-            inf = cached(mdir / "info.json", base_key, lambda: model_info(model, cfg), info)
+            inf = cached(mdir / "info.json", base_key, lambda: model_info(model(), cfg), info)
         with prog.stage(next(idx), "tokens per concept") as info:
             key = {**base_key, "tokens": ev["extrapolation_tokens"]}
             conc = cached(mdir / "concepts.json", key,
-                          lambda: measure_concepts(model, cfg, corpus, ev["extrapolation_tokens"]), info)
+                          lambda: measure_concepts(model(), cfg, corpus, ev["extrapolation_tokens"]), info)
             info["note"] = f"{conc['tokens_per_concept']:.2f} tokens/concept" if conc else "not a concept model"
         with prog.stage(next(idx), f"latency and cache at contexts {ev['contexts']}") as info:
             key = {**base_key, "contexts": ev["contexts"], "steps": ev["latency_steps"]}
             with _quiet(log_path):
                 ctx = cached(mdir / "context.json", key,
-                             lambda: measure_context(model, ev["contexts"], ev["latency_steps"]), info)
+                             lambda: measure_context(model(), ev["contexts"], ev["latency_steps"]), info)
             info["note"] = ", ".join(f"{c['context']}: {c['ms_per_token']:.2f} ms" for c in ctx)
         with prog.stage(next(idx), f"decode tokens/s at batch {ev['decode_batches']}") as info:
             key = {**base_key, "batches": ev["decode_batches"], "prompt_len": ev["decode_prompt_len"],
                    "new": ev["decode_new_tokens"], "repeats": ev["repeats"]}
             with _quiet(log_path):
                 dec = cached(mdir / "decode.json", key, lambda: measure_decode(
-                    model, cfg, ev["decode_batches"], ev["decode_prompt_len"], ev["decode_new_tokens"],
+                    model(), cfg, ev["decode_batches"], ev["decode_prompt_len"], ev["decode_new_tokens"],
                     ev["repeats"]), info)
             info["note"] = ", ".join(f"b{k.split('_')[1]}: {v['tokens_per_s']:.0f} tok/s" for k, v in dec.items())
         with prog.stage(next(idx), f"speculation {', '.join(ev['drafters'])} vs plain") as info:
@@ -763,7 +777,7 @@ def run_study(study: Study, *, log=print) -> dict:
                               lambda: measure_speculation(run_dir, prompts, sam_dir, ev, mdir / "eval"), info)
             info["note"] = ", ".join(f"{d} {v['speedup']:.2f}x MAT {v['mat']:.2f} exact {v['exact']}/{v['n_prompts']}"
                                      for d, v in spec.items())
-        del model
+        loaded.clear()
         results.append(assemble(r, cfg, study, seeds, inf, conc, ctx, dec, spec, train_time))
 
     wall = time.perf_counter() - t_study
@@ -771,7 +785,8 @@ def run_study(study: Study, *, log=print) -> dict:
     mach["load_avg_1m_end"] = round(load[0], 2) if load else None
     report = {"study": study.name, "config": str(study.path), "date": _now(), "machine": mach,
               "budget": {**study.budget, "steps": study.steps, "tokens_per_step": study.tokens_per_step},
-              "eval": ev, "wall_s": round(wall, 1), "train_wall_s": round(sum(train_time.values()), 1), "runs": results}
+              "eval": ev, "wall_s": round(wall, 1), "cpu_s": round(time.process_time() - prog.cpu0, 1),
+              "stages": prog.records, "train_wall_s": round(sum(train_time.values()), 1), "runs": results}
     _write_json(out / "report.json", report)
     plots = make_plots(report, out)
     report["plots"] = plots
@@ -942,7 +957,7 @@ def render_report(rep: dict) -> str:
     m, b = rep["machine"], rep["budget"]
     lines = [f"# Architecture study: {rep['study']}", "",
              f"- date: {rep['date']}; study wall time {_hms(rep['wall_s'])} (training {_hms(rep['train_wall_s'])} "
-             f"of it; reused results cost nothing)",
+             f"of it; reused results cost nothing); CPU time of the study process {_hms(rep['cpu_s'])}",
              f"- machine: {m['cpu']}, {m['cores']} cores, {m['device']} (jax {m['jax']}, {m['platform']}); load "
              f"average {m['load_avg_1m_start']} at start, {m['load_avg_1m_end']} at end",
              f"- budget (matched): {b['tokens']:,} training tokens per run = {b['steps']} steps x {b['batch_size']} x "
