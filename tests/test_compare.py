@@ -171,3 +171,13 @@ def test_run_directory_form_still_works(study, tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.md").is_file()
     assert compare.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["compare_tiny", "compare_small"])
+def test_shipped_studies_are_valid(name):
+    study = compare.load_study(ROOT / "configs" / f"{name}.toml")
+    assert study.steps * study.tokens_per_step <= study.budget["tokens"] < (study.steps + 1) * study.tokens_per_step
+    for run in study.runs:  # the budget is the same for every run
+        for seed, cfg in run["cfgs"]:
+            assert (cfg.data.seq_len, cfg.data.batch_size, cfg.train.steps, cfg.train.seed) == (
+                study.budget["seq_len"], study.budget["batch_size"], study.steps, seed)
