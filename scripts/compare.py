@@ -475,8 +475,15 @@ def stale(cfg, run_dir: Path) -> bool:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, one record per step: a resumed run appends the steps after its checkpoint again, and the
+    later record of a step is the one that led to the final model."""
     path = run_dir / "metrics.jsonl"
-    return [_json(path, x) for x in path.read_text().splitlines() if x.strip()]
+    by_step = {}
+    for x in path.read_text().splitlines():
+        if x.strip():
+            m = _json(path, x)
+            by_step[m["step"]] = m
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def model_info(model, cfg) -> dict:
@@ -665,6 +672,8 @@ def run_study(study: Study, *, log=_say) -> dict:
                     if stale(cfg, run_dir):
                         shutil.rmtree(run_dir)
                         info["note"] = "settings changed: retrained"
+                    elif run_dir.exists() and not any((run_dir / "checkpoints").glob("*")):
+                        shutil.rmtree(run_dir)  # an interrupted start with nothing to resume from
                     with _quiet(out / "logs" / f"{r['name']}_s{seed}.log") as f:
                         t0 = time.perf_counter()
                         start = train(cfg, run_dir, log=lambda *a: print(*a, file=f, flush=True))["start_step"]

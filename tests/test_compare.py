@@ -27,6 +27,8 @@ eval_batches = 1
 checkpoint_every = 100
 [decode]
 max_len = 128
+[mesh]
+data = 1
 """
 RUNS = {
     "decoder": 'name = "dec"\n[model]\narch = "decoder"\nd_model = 16\nn_layers = 1\nn_heads = 2\nattn_block = 16\n',
