@@ -49,7 +49,7 @@ new_tokens = 6
 drafters = ["pld", "sam"]
 sam_max_tokens = 4000
 repeats = 1
-decode_batches = [1, 2]
+decode_batches = [1]
 decode_prompt_len = 8
 decode_new_tokens = 4
 contexts = [32, 64]
@@ -60,7 +60,11 @@ batch_tokens = 256
 [[run]]
 name = "decoder"
 config = "{dir}/decoder.toml"
-[[run]]
+overrides = ["model.n_heads=2"]
+"""
+# A second run, for the input checks (training two architectures end to end in the suite would cost more than
+# its time budget; the DLCM-only measurement is tested on its own below)
+DLCM_RUN = """[[run]]
 name = "dlcm"
 config = "{dir}/dlcm.toml"
 overrides = ["model.target_ratio=3.0"]
@@ -95,34 +99,68 @@ def test_study_report_has_every_field(study):
     rep = json.loads((out / "report.json").read_text())
     assert {"machine", "budget", "runs"} <= set(rep) and rep["budget"]["tokens"] == 768
     assert rep["budget"]["steps"] == 3  # 768 tokens / (8 x 32)
-    assert [r["name"] for r in rep["runs"]] == ["decoder", "dlcm"]
-    for r in rep["runs"]:
-        for key in ("name", "arch", "params", "params_no_embed", "flops_per_token_train", "flops_per_token_infer",
-                    "train_tokens_per_s", "val_bpb", "val_bpb_4x", "decode", "context", "drafters"):
-            assert r[key] is not None, (r["name"], key)
-        assert 0 < r["params_no_embed"] < r["params"]
-        assert r["flops_per_token_train"] > r["flops_per_token_infer"] > 0
-        assert 0 < r["val_bpb"] < 12 and 0 < r["val_bpb_4x"] < 12
-        assert set(r["decode"]) == {"batch_1", "batch_2"}
-        assert all(v["tokens_per_s"] > 0 for v in r["decode"].values())
-        assert [c["context"] for c in r["context"]] == [32, 64]
-        assert all(c["ms_per_token"] > 0 and c["cache_bytes"] > 0 for c in r["context"])
-        assert set(r["drafters"]) == {"pld", "sam"}
-        for v in r["drafters"].values():
-            assert v["mat"] >= 1.0 and v["speedup"] > 0
-            assert v["exact"] == v["n_prompts"] == 2  # greedy speculation reproduces plain decoding
-        assert r["curves"]["0"][-1]["tokens"] == 768
-    dec, dlcm = rep["runs"]
-    assert dec["tokens_per_concept"] is None and dlcm["tokens_per_concept"] >= 1.0
-    # the decoder's cache grows with context
-    assert dec["context"][1]["cache_bytes"] > dec["context"][0]["cache_bytes"]
+    assert [r["name"] for r in rep["runs"]] == ["decoder"]
+    (r,) = rep["runs"]
+    for key, value in r.items():
+        if key != "tokens_per_concept":  # None for models without concepts
+            assert value is not None, key
+    assert r["arch"] == "decoder" and r["tokens_per_concept"] is None
+    assert 0 < r["params_no_embed"] < r["params"]
+    assert r["flops_per_token_train"] > r["flops_per_token_infer"] > 0
+    assert 0 < r["val_bpb"] < 12 and 0 < r["val_bpb_4x"] < 12
+    assert set(r["decode"]) == {"batch_1"}
+    assert all(v["tokens_per_s"] > 0 for v in r["decode"].values())
+    assert [c["context"] for c in r["context"]] == [32, 64]
+    assert all(c["ms_per_token"] > 0 for c in r["context"])
+    assert r["context"][1]["cache_bytes"] > r["context"][0]["cache_bytes"] > 0  # a KV cache grows with context
+    assert set(r["drafters"]) == {"pld", "sam"}
+    for v in r["drafters"].values():
+        assert v["mat"] >= 1.0 and v["speedup"] > 0
+        assert v["exact"] == v["n_prompts"] == 2  # greedy speculation reproduces plain decoding
+    assert r["curves"]["0"][-1]["tokens"] == 768
+    assert [s["stage"] for s in rep["stages"]][:3] == ["train", "prompts", "sam"]
     md = (out / "report.md").read_text()
     for text in ("machine:", "budget (matched): 768", "Who wins what", "What this budget can and cannot show",
-                 "| decoder", "| dlcm", "pld MAT", "sam exact"):
+                 "| decoder", "pld MAT", "sam exact"):
         assert text in md, text
     assert "None" not in md and "nan" not in md
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["bpb_vs_infer_flops.png", "bpb_vs_training.png", "context.png", "speculation.png"]
+
+
+def test_report_of_several_runs_and_seeds(study):
+    """The tables, summary and plots for several architectures and seeds (from the measured run, relabelled)."""
+    _, out = study
+    rep = json.loads((out / "report.json").read_text())
+    (r,) = rep["runs"]
+    other = json.loads(json.dumps(r))
+    other.update(name="samba", arch="samba", val_bpb=r["val_bpb"] - 0.5, val_bpb_std=0.1, n_seeds=2,
+                 tokens_per_concept=None)
+    other["drafters"]["sam"]["exact"] = 1
+    rep["runs"].append(other)
+    rep["budget"]["seeds"] = [0, 1]
+    md = compare.render_report(rep)
+    assert "| samba" in md and "± 0.100" in md
+    assert "Lowest validation bits/byte at the matched budget: **samba**" in md
+    assert "NOT exact: samba/sam (1/2)" in md
+    assert compare.arch_color("samba") != compare.arch_color("decoder")  # (plots: drawn in the study above)
+
+
+def test_tokens_per_concept_of_a_concept_model(tmp_path):
+    from core.config import load_config
+    from core.data import Corpus
+    from core.tokenizer import get_tokenizer
+    from models.registry import build_model
+
+    path = _write_study(tmp_path)
+    cfg = load_config(tmp_path / "dlcm.toml", ["data.seq_len=32"])
+    corpus = Corpus.open(cfg.data, get_tokenizer(cfg.data.tokenizer))
+    got = compare.measure_concepts(build_model(cfg.model, seed=0), cfg, corpus, 256)
+    assert got["tokens"] == 4 * 2 * 32 and 1 <= got["concepts"] <= got["tokens"]
+    assert got["tokens_per_concept"] == got["tokens"] / got["concepts"]
+    assert compare.measure_concepts(build_model(load_config(tmp_path / "decoder.toml").model, seed=0), cfg,
+                                    corpus, 256) is None
+    assert path.is_file()
 
 
 def test_rerun_trains_and_measures_nothing(study, monkeypatch, capsys):
@@ -146,12 +184,12 @@ def test_rerun_trains_and_measures_nothing(study, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda s: s.replace('config = "{dir}/dlcm.toml"', 'config = "{dir}/nope.toml"'), "config file not found"),
+    (lambda s: s + DLCM_RUN.replace("dlcm.toml", "nope.toml"), "config file not found"),
     (lambda s: s.replace('drafters = ["pld", "sam"]', 'drafters = ["pld", "oracle"]'), "unknown drafter 'oracle'"),
     (lambda s: s.replace("tokens = 768", 'tokens = "lots"'), "budget.tokens must be a positive integer"),
     (lambda s: s.replace("seeds = [0]\n", ""), "budget.seeds is missing"),
-    (lambda s: s.replace('overrides = ["model.target_ratio=3.0"]', 'overrides = ["train.steps=5"]'),
-     "changes the shared budget"),
+    (lambda s: s + DLCM_RUN.replace("model.target_ratio=3.0", "train.steps=5"), "changes the shared budget"),
+    (lambda s: s + DLCM_RUN.replace('"dlcm"', '"decoder"'), "two runs are named 'decoder'"),
     (lambda s: s.replace("contexts = [32, 64]", "contexts = [32, -1]"), "eval.contexts values must be >= 1"),
 ])
 def test_bad_study_fails_before_training_with_one_line(tmp_path, monkeypatch, capsys, edit, match):
