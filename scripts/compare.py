@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import json
 import math
 import os
@@ -632,7 +631,8 @@ def run_study(study: Study, *, log=_say) -> dict:
     import jax  # noqa: F401  (imported here so that validation above needs no devices)
     from flax import nnx
 
-    sys.path.insert(0, str(ROOT / "scripts"))
+    if str(ROOT / "scripts") not in sys.path:  # bench_context.py and bench_decode.py are imported from there
+        sys.path.insert(0, str(ROOT / "scripts"))
     from core.checkpoint import load_model
     from core.data import Corpus
     from core.tokenizer import get_tokenizer
