@@ -103,7 +103,7 @@ class DLCMConfig:
     sharpen: float = 6.0  # training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s))
     eval_threshold: float = 0.5  # evaluation and decoding: b = [p >= eval_threshold]
     doc_start_id: int = 257  # this token always starts a concept (the data's document separator: the byte
-    #                          tokenizer's EOS, written after every document and used as BOS); -1: none
+    #                          tokenizer's EOS, written after every document by core/data.py); -1: none
     # Concept slots: by position t (0-based) at most floor((t + 1) * concept_slots / R) + concept_slack
     # concepts exist (the open one included); a boundary beyond that is dropped, in training, evaluation and
     # decoding alike (the cap depends on the position only). A length-L forward runs the backbone over

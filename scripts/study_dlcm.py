@@ -26,7 +26,6 @@ import io
 import json
 import statistics
 import sys
-import time
 import tokenize
 from pathlib import Path
 
