@@ -16,20 +16,22 @@ from flax import nnx
 TOP1, DLOGP = 0.9, 0.3
 
 
-def bf16_gap(logits_ref, logits):
-    """(top-1 agreement, max |Δ log p| over tokens with p_ref > 1e-3)."""
+def bf16_gap(logits_ref, logits, where=None):
+    """(top-1 agreement, max |Δ log p| over tokens with p_ref > 1e-3), over the positions `where` [B, L] (all by
+    default)."""
     la = jax.nn.log_softmax(jnp.asarray(logits_ref, jnp.float32), axis=-1)
     lb = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    top1 = float(jnp.mean(jnp.argmax(la, -1) == jnp.argmax(lb, -1)))
-    dlogp = float(jnp.max(jnp.where(jnp.exp(la) > 1e-3, jnp.abs(la - lb), 0.0)))
+    where = jnp.ones(la.shape[:-1], bool) if where is None else where
+    top1 = float(jnp.sum((jnp.argmax(la, -1) == jnp.argmax(lb, -1)) & where) / jnp.sum(where))
+    dlogp = float(jnp.max(jnp.where((jnp.exp(la) > 1e-3) & where[..., None], jnp.abs(la - lb), 0.0)))
     return top1, dlogp
 
 
-def assert_bf16_close(logits32, logits16, logits_unrelated, what=""):
+def assert_bf16_close(logits32, logits16, logits_unrelated, what="", where=None):
     assert logits16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits16)))
-    top1, dlogp = bf16_gap(logits32, logits16)
+    top1, dlogp = bf16_gap(logits32, logits16, where)
     assert top1 >= TOP1 and dlogp <= DLOGP, f"{what}: bf16 top-1 agreement {top1:.3f}, max |dlogp| {dlogp:.3f}"
-    top1_u, dlogp_u = bf16_gap(logits32, logits_unrelated)
+    top1_u, dlogp_u = bf16_gap(logits32, logits_unrelated, where)
     assert top1_u < TOP1 and dlogp_u > DLOGP, f"{what}: the bound passes an unrelated model ({top1_u}, {dlogp_u})"
 
 
@@ -49,8 +51,10 @@ def _unrelated(state, seed=1):
                                         for k, x in zip(keys, leaves)])
 
 
-def check_bf16(cls, cfg, m32, x, max_len, what):
-    """fp32 vs bf16 compute on m32's parameters, full forward and cached extend, two jitted functions."""
+def check_bf16(cls, cfg, m32, x, max_len, what, same_decisions=None):
+    """fp32 vs bf16 compute on m32's parameters, full forward and cached extend, two jitted functions.
+    `same_decisions(m32, m16, x) -> [B, L] bool`: for models with discrete decisions (DLCM's boundaries), the
+    positions whose decisions so far agree between the two dtypes; only those are compared."""
     graphdef, state = nnx.split(m32)
     m16 = _with_dtype(cls, cfg, m32)
     graphdef16, _ = nnx.split(m16)
@@ -66,8 +70,11 @@ def check_bf16(cls, cfg, m32, x, max_len, what):
 
     a, u = f32(state, x), f32(_unrelated(state), x)
     full, ext = f16(state, x)
-    assert_bf16_close(a, full, u, f"{what} forward")
-    assert_bf16_close(a, ext, u, f"{what} extend")
+    where = None if same_decisions is None else same_decisions(m32, m16, x)
+    if where is not None:  # a near-threshold decision may flip in bf16; it must stay rare
+        assert float(jnp.mean(where)) >= 0.5, f"{what}: bf16 flips decisions early ({float(jnp.mean(where))})"
+    assert_bf16_close(a, full, u, f"{what} forward", where)
+    assert_bf16_close(a, ext, u, f"{what} extend", where)
 
 
 def _tokens(b, l, seed=0):
@@ -79,6 +86,12 @@ def test_dlcm_bf16_compute_agrees_with_fp32():
     from models.dlcm import DLCMLM
     from tests.test_dlcm import B, CFG, L, MAX_LEN
 
+    def same_boundaries(m32, m16, x):
+        # A boundary decision is discrete: p at the threshold may round either way in bf16 (seen: 1 of 64),
+        # and every later concept of that row shifts. Compare the positions before a row's first flip.
+        b32, b16 = m32._encode(x)[2], m16._encode(x)[2]
+        return jnp.cumsum(b32 != b16, axis=1) == 0
+
     m32 = nnx.jit(lambda: DLCMLM(CFG, rngs=nnx.Rngs(0)))()
-    check_bf16(DLCMLM, CFG, m32, _tokens(B, L, seed=8), MAX_LEN, "dlcm")
+    check_bf16(DLCMLM, CFG, m32, _tokens(B, L, seed=8), MAX_LEN, "dlcm", same_boundaries)
 
