@@ -108,7 +108,7 @@ CASES = [
     ("compare", ["{w}/badmetrics", "--out", "{w}/out"], "not valid JSON"),
     ("bench_train", ["{w}/good.toml", "data.tokenizer=nope", "--out", "{w}/out.json"], "unknown tokenizer"),
     ("bench_train", ["{w}/missing.toml", "--out", "{w}/out.json"], "config file not found"),
-    ("bench_train", ["{w}/good.toml", "--steps", "0", "--out", "{w}/out.json"], "--steps must be >= 1"),
+    ("bench_train", ["{w}/good.toml", "--steps", "0", "--out", "{w}/out.json"], "--steps and --rounds must be >= 1"),
     ("bench_context", ["--extrapolation", "{w}/nothing", "--out", "{w}/out.json"], "not a run directory"),
     ("bench_context", ["--extrapolation", "{w}/old_run", "--lengths", "512,768", "--out", "{w}/out.json"],
      "must divide the longest"),
@@ -132,7 +132,7 @@ CASES += [(name, ["--no-such-flag"], "--help)") for name in MAINS
 CASES += [
     ("train", ["{w}/good.toml", "--run-dir", "{w}/out", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ("train", [], "the following arguments are required: config"),
-    ("compare", [], "the following arguments are required: runs"),
+    ("compare", [], "the following arguments are required: inputs"),
     ("transfer_params", ["export"], "the following arguments are required"),
     ("convert_checkpoint", ["{w}/old_run"], "the following arguments are required"),
     ("decode.__main__", ["{w}/old_run"], "one of the arguments --prompt --prompts is required"),
