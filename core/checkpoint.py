@@ -237,12 +237,17 @@ def set_aside(run_dir: Path, first: int) -> list[int]:
     steps = sorted(int(p.name) for p in ck.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) >= first) \
         if ck.is_dir() else []
     for s in steps:
-        dest = run_dir / DAMAGED / str(s)
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.parent.mkdir(exist_ok=True)
-        os.replace(ck / str(s), dest)
+        _move_aside(run_dir, s)
     return steps
+
+
+def _move_aside(run_dir: Path, step: int) -> None:
+    """Move checkpoints/<step> to damaged_checkpoints/<step> (replacing an older copy there)."""
+    dest = run_dir / DAMAGED / str(step)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(exist_ok=True)
+    os.replace(run_dir / "checkpoints" / str(step), dest)
 
 
 def check_config(mngr: ocp.CheckpointManager, step: int, cfg: Config, where) -> None:
@@ -303,11 +308,7 @@ def resume(run_dir: Path, target: dict, cfg: Config, *, keep: int, log=print):
         raise UserError(f"no intact checkpoint in {run_dir} (damaged: {', '.join(map(str, damaged))}); move the "
                         f"run directory aside to start over")
     for s in damaged:
-        dest = run_dir / DAMAGED / str(s)
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.parent.mkdir(exist_ok=True)
-        os.replace(ck / str(s), dest)
+        _move_aside(run_dir, s)
     if damaged:
         log(f"resuming from step {found}, the newest intact checkpoint")
     return manager(run_dir, keep=keep), found, state
