@@ -485,12 +485,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def model_info(model, cfg) -> dict:
+def model_info(model, cfg, tokens_per_concept: float | None = None) -> dict:
     """Parameters (total and without the embedding table) and FLOPs per token from the model's own count.
 
     Training FLOPs per token are `flops_per_token(seq_len)` (forward and backward, 6 N + attention); inference
-    FLOPs per token are the model's `inference_flops_per_token(seq_len)` if it has one, else one third of the
-    training count (the forward pass of the same count, at the training length)."""
+    FLOPs per token are the model's `inference_flops_per_token(seq_len)` if it has one (a concept model's at
+    `tokens_per_concept`, the realised ratio, else its target ratio), else one third of the training count (the
+    forward pass of the same count, at the training length)."""
     import jax
     from flax import nnx
 
@@ -502,7 +503,13 @@ def model_info(model, cfg) -> dict:
               if "embedding" in jax.tree_util.keystr(p) or "embed" in jax.tree_util.keystr(p).split("]")[0])
     train_f = float(model.flops_per_token(cfg.data.seq_len))
     infer = getattr(model, "inference_flops_per_token", None)
-    infer_f = float(infer(cfg.data.seq_len)) if infer else train_f / 3.0
+    if infer is None:
+        infer_f = train_f / 3.0
+    elif hasattr(model, "boundaries"):  # a concept model: its cost per token depends on tokens per concept
+        ratio = tokens_per_concept if tokens_per_concept is not None else cfg.model.target_ratio
+        infer_f = float(infer(cfg.data.seq_len, ratio))
+    else:
+        infer_f = float(infer(cfg.data.seq_len))
     return {"params": int(total), "params_no_embed": int(total - emb), "flops_per_token_train": train_f,
             "flops_per_token_infer": infer_f, "infer_flops_source": "model" if infer else "train / 3"}
 
@@ -761,13 +768,15 @@ def run_study(study: Study, *, log=_say) -> dict:
                 loaded["m"] = load_model(run_dir)[1]
             return loaded["m"]
         base_key = {"step": cfg.train.steps}
-        with prog.stage(next(idx), "params and FLOPs per token") as info:
-            inf = cached(mdir / "info.json", base_key, lambda: model_info(model(), cfg), info)
         with prog.stage(next(idx), "tokens per concept") as info:
             key = {**base_key, "tokens": ev["extrapolation_tokens"]}
             conc = cached(mdir / "concepts.json", key,
                           lambda: measure_concepts(model(), cfg, corpus, ev["extrapolation_tokens"]), info)
             info["note"] = f"{conc['tokens_per_concept']:.2f} tokens/concept" if conc else "not a concept model"
+        with prog.stage(next(idx), "params and FLOPs per token") as info:
+            ratio = conc["tokens_per_concept"] if conc else None  # a concept model's inference FLOPs at its realised ratio
+            inf = cached(mdir / "info.json", {**base_key, "tokens_per_concept": ratio},
+                         lambda: model_info(model(), cfg, ratio), info)
         with prog.stage(next(idx), f"latency and cache at contexts {ev['contexts']}") as info:
             key = {**base_key, "contexts": ev["contexts"], "steps": ev["latency_steps"], "rounds": 3}
             with _quiet(log_path):

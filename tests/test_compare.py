@@ -220,3 +220,20 @@ def test_shipped_studies_are_valid(name):
         for seed, cfg in run["cfgs"]:
             assert (cfg.data.seq_len, cfg.data.batch_size, cfg.train.steps, cfg.train.seed) == (
                 study.budget["seq_len"], study.budget["batch_size"], study.steps, seed)
+
+
+def test_model_info_of_a_concept_model_counts_inference_at_the_given_ratio(tmp_path):
+    """The study's info stage for DLCM (the miniature study trains a decoder only): inference FLOPs per token come
+    from the model's own count at the realised tokens per concept; more tokens per concept, fewer FLOPs."""
+    from core.config import load_config
+    from models.registry import build_model
+
+    _write_study(tmp_path)
+    cfg = load_config(tmp_path / "dlcm.toml", ["data.seq_len=32"])
+    model = build_model(cfg.model, seed=0)
+    at2, at4 = (compare.model_info(model, cfg, r) for r in (2.0, 4.0))
+    assert at2["infer_flops_source"] == "model" and at2["params"] == at4["params"] > 0
+    assert at2["flops_per_token_infer"] == model.inference_flops_per_token(32, 2.0)
+    assert at4["flops_per_token_infer"] < at2["flops_per_token_infer"]
+    default = compare.model_info(model, cfg)  # no measured ratio: the config's target
+    assert default["flops_per_token_infer"] == model.inference_flops_per_token(32, cfg.model.target_ratio)
