@@ -18,6 +18,7 @@ directory moves the cache (tests point it at a temporary directory).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 ENV = "LMARCH_COMPILE_CACHE"
@@ -53,6 +54,12 @@ def enable(path: str | os.PathLike | None = None) -> str | None:
             Path(target).mkdir(parents=True, exist_ok=True)
         except OSError:
             target = None
+    if target is not None and not os.access(target, os.W_OK):
+        target = None  # read-only: run uncached rather than warn at every compilation
+    # A cache write that fails mid-run (a full disk) costs only a later recompilation; JAX warns once per
+    # program, a screen of warnings in front of the error that matters (the checkpoint save's one line).
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry",
+                            category=UserWarning)
     if target == _active and (target is None or jax.config.jax_compilation_cache_dir == target):
         return target
     if cc.is_initialized():  # JAX initialises its cache once per process: move it explicitly
