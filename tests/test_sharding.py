@@ -222,7 +222,7 @@ def test_sharded_decoding_matches_one_device(arch, runs):
     assert heads  # KV heads (attention) or channels (Mamba) split over tensor
 
 
-def _params_only_run(path, raw, params):
+def _params_only_run(path, raw, params, step=STEPS):
     """A run directory (config.toml + a checkpoint of the "params" item only, as scripts/hf.py writes it)."""
     import orbax.checkpoint as ocp
 
@@ -232,7 +232,7 @@ def _params_only_run(path, raw, params):
     Path(path).mkdir(parents=True)
     save_config(cfg, Path(path) / "config.toml")
     mngr = checkpoint.manager(path)
-    mngr.save(STEPS, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                              config=ocp.args.JsonSave(to_dict(cfg))))
     mngr.wait_until_finished()
     mngr.close()
@@ -325,6 +325,25 @@ def test_checkpoint_restores_across_meshes(arch, tmp_path):
                            jax.tree.leaves(saved["params"]), jax.tree.leaves(sh["params"])):
             assert x.sharding.is_equivalent_to(s, x.ndim)
             np.testing.assert_array_equal(np.asarray(x), w)
+
+
+def test_imported_weights_resume_sharded(runs, tmp_path):
+    """A run that holds only parameters at step 0 (scripts/hf.py's import) trains from those parameters on the
+    dp2 x fsdp2 x tp2 mesh: restored into their shardings with a fresh optimizer. The first step's learning
+    rate is 0 (warmup), so its checkpoint holds exactly the imported values (a fresh initialisation would not)."""
+    from train.loop import train
+
+    r = runs("decoder")
+    raw = {**r["raw"], "mesh": MESHES["dp2_fsdp2_tp2"]}
+    raw["train"] = {**raw["train"], "steps": 1, "eval_every": 1, "checkpoint_every": 1}
+    imported = jax.tree.map(lambda x: np.asarray(x) + 0.5, r["one"][1])  # unlike any initialisation
+    _params_only_run(tmp_path / "run", raw, imported, step=0)
+    summary = train(from_dict(raw, "import"), tmp_path / "run", log=lambda *_: None)
+    assert summary["start_step"] == 0 and summary["final_step"] == 1
+    _, model, step = load_model(tmp_path / "run")
+    assert step == 1
+    for x, w in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param))), jax.tree.leaves(imported)):
+        np.testing.assert_array_equal(np.asarray(x), w)
 
 
 # ---- 4. multi-host ----------------------------------------------------------------------------------------
