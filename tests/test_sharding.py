@@ -1,5 +1,6 @@
-"""Every architecture on a device mesh (issue 16): sharded training, decoding and checkpoint restore equal one
-device, DLCM's Global Parser statistics stay global under sharding, and two processes on localhost equal one.
+"""Every architecture on a device mesh (issue 16): sharded training, decoding (the Engine and `python -m decode
+--mesh`) and checkpoint restore equal one device, DLCM's Global Parser statistics stay global under sharding,
+and two processes on localhost (decoder, DLCM), stopped and resumed, equal one.
 
 conftest forces 8 host devices. "dp2_fsdp2_tp2" is the (data=2, fsdp=2, tensor=2) mesh. The configs are tiny
 (compile time is the cost); each architecture's training runs (one device and the 8-device mesh, 20 steps)
