@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from core import checkpoint
+from core import checkpoint, compile_cache
 from core.checkpoint import load_model
 from core.config import MeshConfig, dumps, from_dict, save_config
 from core.data import Corpus, get_batch, prefix_lengths
@@ -31,6 +31,11 @@ from decode.engine import Engine
 from models.registry import build_model
 from tests.test_train import _raw
 from train.loop import build_trainer
+
+# The persistent compilation cache (the session's temporary directory, tests/conftest.py): the programs that the
+# training fixture compiles are loaded, not compiled again, where a test runs the same step through train(), and
+# a resumed two-process run loads those of its first launch.
+compile_cache.enable()
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("decoder", "samba", "dlcm", "mamba")
@@ -336,7 +341,7 @@ def test_imported_weights_resume_sharded(runs, tmp_path):
 
     r = runs("decoder")
     raw = {**r["raw"], "mesh": MESHES["dp2_fsdp2_tp2"]}
-    raw["train"] = {**raw["train"], "steps": 1, "eval_every": 1, "checkpoint_every": 1}
+    raw["train"] = {**raw["train"], "stop_after": 1}  # the fixture's train_step program: a compile-cache hit
     imported = jax.tree.map(lambda x: np.asarray(x) + 0.5, r["one"][1])  # unlike any initialisation
     _params_only_run(tmp_path / "run", raw, imported, step=0)
     summary = train(from_dict(raw, "import"), tmp_path / "run", log=lambda *_: None)
