@@ -288,8 +288,9 @@ def check_config(mngr: ocp.CheckpointManager, step: int, cfg: Config, where) -> 
 
 def resume(run_dir: Path, target: dict, cfg: Config, *, keep: int, log=print, shardings: dict | None = None):
     """(manager, step, state) from the newest intact checkpoint of run_dir (restored into `shardings`, see
-    `restore`), or (manager, 0, None) when there is none yet. A damaged step (manifest mismatch, or orbax cannot read it) is reported in one line, moved to
-    run_dir/damaged_checkpoints/, and the next older step is tried. A checkpoint of another model is a UserError:
+    `restore`), or (manager, 0, None) when there is none yet. A damaged step (manifest mismatch, or orbax cannot
+    read it) is reported in one line, moved to run_dir/damaged_checkpoints/ (by process 0 when there are
+    several), and the next older step is tried. A checkpoint of another model is a UserError:
     nothing of it is loaded. Raises UserError if checkpoints exist and none is intact."""
     run_dir = Path(run_dir)
     ck = run_dir / "checkpoints"
