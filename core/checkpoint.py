@@ -233,8 +233,12 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, cfg: Config) -> No
                          f"{_last_good(run_dir)}") from e
 
 
-def _abstract(tree):
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+def _abstract(tree, shardings=None):
+    """Shape, dtype and sharding of every leaf: the leaf's own sharding, or the one in `shardings` (a tree like
+    `tree`), which is where orbax then places each process's shards of the restored arrays."""
+    if shardings is None:
+        return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
 
 
 def item_names(mngr: ocp.CheckpointManager, step: int) -> set[str]:
@@ -255,16 +259,24 @@ def check_layout(mngr: ocp.CheckpointManager, step: int, where) -> None:
     raise UserError(f"checkpoint {step} in {where} holds no 'params' item (items: {sorted(items) or 'none'})")
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
-    """The training state {"params", "opt", "step"} saved at `step`, shaped (and sharded) like `target`."""
+def restore(mngr: ocp.CheckpointManager, step: int, target: dict, shardings: dict | None = None) -> dict:
+    """The training state {"params", "opt", "step"} saved at `step`, shaped like `target` and sharded like
+    `shardings` (a tree like `target`, e.g. `Trainer.state_shardings()`), else like `target`'s own leaves.
+
+    Every process reads only its own shards, straight into the target shardings, whatever mesh wrote them: the
+    restored arrays need no further `device_put` (which, for an array that lives on one process's devices,
+    would be a cross-host transfer: unsupported on CPU, slow elsewhere)."""
     check_layout(mngr, step, Path(mngr.directory).parent)
+    sh = shardings or {"params": None, "opt": None, "step": None}
     if "train_state" not in item_names(mngr, step):  # imported weights (scripts/hf.py): a fresh optimizer
         out = mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(target["params"]))))
+            params=ocp.args.StandardRestore(_abstract(target["params"], sh["params"]))))
         return {"params": out["params"], "opt": target["opt"], "step": target["step"]}
+    rest = {"opt": target["opt"], "step": target["step"]}
     out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(target["params"])),
-        train_state=ocp.args.StandardRestore(_abstract({"opt": target["opt"], "step": target["step"]}))))
+        params=ocp.args.StandardRestore(_abstract(target["params"], sh["params"])),
+        train_state=ocp.args.StandardRestore(
+            _abstract(rest, None if shardings is None else {"opt": sh["opt"], "step": sh["step"]}))))
     return {"params": out["params"], **out["train_state"]}
 
 
@@ -312,10 +324,11 @@ def check_config(mngr: ocp.CheckpointManager, step: int, cfg: Config, where) -> 
                         f"{', '.join(f'{k}={want[k]!r}' for k in diff)}: refused")
 
 
-def resume(run_dir: Path, target: dict, cfg: Config, *, keep: int, log=print):
-    """(manager, step, state) from the newest intact checkpoint of run_dir, or (manager, 0, None) when there is
-    none yet. A damaged step (manifest mismatch, or orbax cannot read it) is reported in one line, moved to
-    run_dir/damaged_checkpoints/, and the next older step is tried. A checkpoint of another model is a UserError:
+def resume(run_dir: Path, target: dict, cfg: Config, *, keep: int, log=print, shardings: dict | None = None):
+    """(manager, step, state) from the newest intact checkpoint of run_dir (restored into `shardings`, see
+    `restore`), or (manager, 0, None) when there is none yet. A damaged step (manifest mismatch, or orbax cannot
+    read it) is reported in one line, moved to run_dir/damaged_checkpoints/ (by process 0 when there are
+    several), and the next older step is tried. A checkpoint of another model is a UserError:
     nothing of it is loaded. Raises UserError if checkpoints exist and none is intact."""
     run_dir = Path(run_dir)
     ck = run_dir / "checkpoints"
@@ -330,7 +343,7 @@ def resume(run_dir: Path, target: dict, cfg: Config, *, keep: int, log=print):
             try:
                 check_layout(mngr, s, run_dir)
                 check_config(mngr, s, cfg, run_dir)
-                state = restore(mngr, s, target)
+                state = restore(mngr, s, target, shardings)
                 found = s
             except UserError:
                 raise
@@ -345,9 +358,12 @@ def resume(run_dir: Path, target: dict, cfg: Config, *, keep: int, log=print):
     if damaged and not found:
         raise UserError(f"no intact checkpoint in {run_dir} (damaged: {', '.join(map(str, damaged))}); move the "
                         f"run directory aside to start over")
-    for s in damaged:
-        _move_aside(run_dir, s)
-    if damaged:
+    if damaged:  # several processes (multi-host) saw the same damage: the first moves it, the others wait
+        ocp.multihost.sync_global_processes(f"lmarch_resume_checked_{found}")
+        if jax.process_index() == 0:
+            for s in damaged:
+                _move_aside(run_dir, s)
+        ocp.multihost.sync_global_processes(f"lmarch_resume_moved_{found}")
         log(f"resuming from step {found}, the newest intact checkpoint")
     return manager(run_dir, keep=keep), found, state
 

@@ -54,6 +54,32 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def parse_mesh_spec(text: str) -> MeshConfig:
+    """A command line's mesh, "data=2,tensor=2": the [mesh] section's axis sizes as comma-separated
+    axis=size pairs (an axis not named has size 1; one size may be -1, the remaining devices). UserError for
+    anything else (one line naming the valid form)."""
+    form = f"axis=size pairs separated by commas, axes {', '.join(AXES)}, e.g. data=2,tensor=2"
+    sizes: dict[str, int] = {}
+    for part in str(text).split(","):
+        name, eq, value = part.strip().partition("=")
+        name = name.strip()
+        if not eq or name not in AXES:
+            raise UserError(f"mesh {text!r}: {part.strip()!r} is not axis=size; want {form}")
+        if name in sizes:
+            raise UserError(f"mesh {text!r}: axis {name!r} given twice; want {form}")
+        try:
+            sizes[name] = int(value.strip())
+        except ValueError:
+            raise UserError(f"mesh {text!r}: size {value.strip()!r} of {name!r} is not an integer; want {form}") \
+                from None
+    cfg = MeshConfig(**{a: sizes.get(a, 1) for a in AXES})
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UserError(f"mesh {text!r}: {e}") from None
+    return cfg
+
+
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))

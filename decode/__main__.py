@@ -4,6 +4,7 @@
         [--seed S --step STEP --prefix | --no-prefix]
     python -m decode RUN_DIR --prompts FILE.jsonl [--out FILE.jsonl] [--batch-size B] [...]
     ... --drafter {pld,recycle,sam,sam+recycle} [--max-draft N --sam DIR --rule cost|paper]
+    ... --mesh data=2,tensor=2   (a device mesh: the [mesh] axes data, fsdp, tensor; the same tokens)
 
 --prompt streams the completion to stdout as it is generated: the jitted loop runs in chunks of
 --chunk steps and resumes without recompiling, and bytes are decoded incrementally so that a character cut
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sam", help="static suffix automaton directory (default: RUN_DIR/sam if it exists)")
     ap.add_argument("--rule", default="cost", choices=["cost", "paper"],
                     help="sam's draft rule: expected tokens per measured verify cost, or the paper's thresholds")
+    ap.add_argument("--mesh", help="decode on a device mesh, the [mesh] axes as axis=size pairs: e.g. "
+                    "data=2,tensor=2 (parameters over fsdp/tensor, rows over data x fsdp; unnamed axes 1)")
     args = ap.parse_args(argv)
 
     from pathlib import Path
@@ -183,9 +186,14 @@ def main(argv=None) -> int:
         raise UserError(f"--chunk must be >= 1; got {args.chunk}")
     if not Path(args.run_dir).is_dir():
         raise UserError(f"no such run directory: {args.run_dir}")
+    mesh = None
+    if args.mesh is not None:
+        from core.mesh import make_mesh, parse_mesh_spec
+
+        mesh = make_mesh(parse_mesh_spec(args.mesh))
     items = read_prompts(args.prompts) if args.prompts else None
     sizes = {} if args.drafter == "none" else {"verify_sizes": verify_sizes_for(args.max_draft)}
-    cfg, tok, engine = engine_for_run(args.run_dir, step=args.step, prefix=args.prefix, **sizes)
+    cfg, tok, engine = engine_for_run(args.run_dir, step=args.step, prefix=args.prefix, mesh=mesh, **sizes)
     prefix_note(engine)
     kw = sampling_args(args, cfg)
     if items is None:

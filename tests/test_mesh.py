@@ -6,7 +6,7 @@ from jax.sharding import PartitionSpec as P
 
 from core.config import MeshConfig
 from core.errors import UserError
-from core.mesh import cache_shardings, make_mesh, mesh_shape, param_shardings
+from core.mesh import cache_shardings, make_mesh, mesh_shape, param_shardings, parse_mesh_spec
 from models.decoder import DecoderConfig, DecoderLM
 from train.loop import distributed_settings
 
@@ -21,6 +21,18 @@ def test_mesh_shape_resolves_minus_one_and_rejects_bad_sizes():
     with pytest.raises(UserError):
         mesh_shape(MeshConfig(data=16, fsdp=1, tensor=1), 8)
     assert make_mesh(MeshConfig(data=2, fsdp=1, tensor=1)).size == 2  # explicit smaller mesh
+
+
+def test_parse_mesh_spec_names_the_config_axes():
+    """`python -m decode --mesh`: axis=size pairs of the [mesh] axes; unnamed axes 1, one -1 allowed."""
+    assert parse_mesh_spec("data=2,tensor=2") == MeshConfig(data=2, fsdp=1, tensor=2)
+    assert parse_mesh_spec(" fsdp = 4 ") == MeshConfig(data=1, fsdp=4, tensor=1)
+    assert parse_mesh_spec("data=-1,tensor=2") == MeshConfig(data=-1, fsdp=1, tensor=2)
+    for bad, match in (("data=2,tensr=2", "'tensr=2' is not axis=size"), ("data", "'data' is not axis=size"),
+                       ("", "is not axis=size"), ("data=2.5", "not an integer"), ("data=1,data=2", "given twice"),
+                       ("data=-1,fsdp=-1", "at most one -1"), ("tensor=0", ">= 1")):
+        with pytest.raises(UserError, match=match):
+            parse_mesh_spec(bad)
 
 
 def test_param_shardings_follow_logical_rules():

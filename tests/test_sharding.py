@@ -1,5 +1,6 @@
-"""Every architecture on a device mesh (issue 16): sharded training, decoding and checkpoint restore equal one
-device, DLCM's Global Parser statistics stay global under sharding, and two processes on localhost equal one.
+"""Every architecture on a device mesh (issue 16): sharded training, decoding (the Engine and `python -m decode
+--mesh`) and checkpoint restore equal one device, DLCM's Global Parser statistics stay global under sharding,
+and two processes on localhost (decoder, DLCM), stopped and resumed, equal one.
 
 conftest forces 8 host devices. "dp2_fsdp2_tp2" is the (data=2, fsdp=2, tensor=2) mesh. The configs are tiny
 (compile time is the cost); each architecture's training runs (one device and the 8-device mesh, 20 steps)
@@ -19,18 +20,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from core import checkpoint
+from core import checkpoint, compile_cache
 from core.checkpoint import load_model
 from core.config import MeshConfig, dumps, from_dict, save_config
 from core.data import Corpus, get_batch, prefix_lengths
-from core.mesh import (batch_rows_sharding, batch_sharding, cache_shardings, make_mesh, param_shardings,
-                       state_shardings)
+from core.mesh import batch_rows_sharding, batch_sharding, cache_shardings, make_mesh, state_shardings
 from core.tokenizer import get_tokenizer
 from decode.drafters import Drafter
 from decode.engine import Engine
 from models.registry import build_model
 from tests.test_train import _raw
-from train.loop import Trainer, make_optimizer
+from train.loop import build_trainer
+
+# The persistent compilation cache (the session's temporary directory, tests/conftest.py): the programs that the
+# training fixture compiles are loaded, not compiled again, where a test runs the same step through train(), and
+# a resumed two-process run loads those of its first launch.
+compile_cache.enable()
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("decoder", "samba", "dlcm", "mamba")
@@ -71,15 +76,8 @@ def _train(raw, mesh_name):
     corpus = Corpus.open(cfg.data, get_tokenizer(cfg.data))
     model = build_model(cfg.model, seed=cfg.train.seed)
     graphdef, pstate = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(pstate)
-    tx = make_optimizer(cfg.train, model.decay_mask(params))
-    trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
-                      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
-    trainer.build_steps()
-    sh = trainer.state_shardings()
-    params = jax.device_put(params, sh["params"])
-    state = {"params": params, "opt": jax.jit(tx.init, out_shardings=sh["opt"])(params),
-             "step": jnp.zeros((), jnp.int32)}
+    trainer, params = build_trainer(cfg, model, mesh)  # the run's optimizer (DLCM: its muP groups)
+    state = trainer.init_state(params)
     rows = batch_sharding(mesh)
     metrics = []
     for step in range(STEPS):
@@ -230,6 +228,64 @@ def test_sharded_decoding_matches_one_device(arch, runs):
     assert heads  # KV heads (attention) or channels (Mamba) split over tensor
 
 
+def _params_only_run(path, raw, params, step=STEPS):
+    """A run directory (config.toml + a checkpoint of the "params" item only, as scripts/hf.py writes it)."""
+    import orbax.checkpoint as ocp
+
+    from core.config import to_dict
+
+    cfg = from_dict(raw, "cli_mesh")
+    Path(path).mkdir(parents=True)
+    save_config(cfg, Path(path) / "config.toml")
+    mngr = checkpoint.manager(path)
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                             config=ocp.args.JsonSave(to_dict(cfg))))
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def test_decode_cli_mesh_flag_gives_the_one_device_tokens(runs, tmp_path, capsys, monkeypatch):
+    """`python -m decode RUN --mesh data=2,tensor=2` (the [mesh] axes): the parameters restored into their
+    shardings, the same greedy tokens as one device, plain and with --drafter sam; a bad mesh spec is one
+    line, exit 2."""
+    import decode.engine
+    from decode.__main__ import main
+
+    engines = []
+    real = decode.engine.engine_for_run
+    monkeypatch.setattr(decode.engine, "engine_for_run", lambda *a, **k: engines.append(real(*a, **k)) or
+                        engines[-1])
+    r = runs("decoder")
+    run = tmp_path / "run"
+    _params_only_run(run, r["raw"], r["dp2_fsdp2_tp2"][1])
+    text = "x = 1\nx = 1\nif x:\n    x ="  # repeats: sam drafts from them
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": text[i:]}) + "\n" for i in (0, 3, 12, 20)))
+    common = [str(run), "--prompts", str(prompts), "--max-new-tokens", "12", "--batch-size", "4"]
+
+    def tokens(*extra):
+        out = tmp_path / "o.jsonl"
+        assert main([*common, "--out", str(out), *extra]) == 0
+        return [json.loads(x)["tokens"] for x in out.read_text().splitlines()]
+
+    one = tokens()
+    assert len({tuple(t) for t in one}) > 1 and all(len(t) == 12 for t in one)
+    assert tokens("--mesh", "data=2,tensor=2") == one
+    spec = tokens("--mesh", "data=2,fsdp=2,tensor=2", "--drafter", "sam", "--max-draft", "2", "--rule", "paper")
+    assert spec == one
+    meshes = [None if e.mesh is None else dict(e.mesh.shape) for _, _, e in engines]
+    assert meshes == [None, dict(data=2, fsdp=1, tensor=2), dict(data=2, fsdp=2, tensor=2)]
+    specs = {a for x in engines[2][2].params for a in jax.tree.leaves(tuple(x.sharding.spec))}
+    assert {"fsdp", "tensor"} <= specs  # the parameters were restored sharded
+    capsys.readouterr()
+    for bad, match in (("data=2,tensr=2", "'tensr=2' is not axis=size"), ("data=two", "not an integer"),
+                       ("data=2,data=2", "given twice"), ("data=0", "mesh sizes must be"),
+                       ("data=16", "needs 16 devices")):
+        assert main([*common, "--mesh", bad]) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], (bad, err)
+
+
 # ---- 3. checkpoint portability ----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_checkpoint_restores_across_meshes(arch, tmp_path):
@@ -238,19 +294,18 @@ def test_checkpoint_restores_across_meshes(arch, tmp_path):
     only, for decoding) 1 -> 8 likewise (8 -> 1 in test_two_processes_on_localhost_match_one_device)."""
     cfg = from_dict({"model": {"arch": arch, **MODELS[arch]}, "train": {"steps": 4}}, arch)
     model = nnx.eval_shape(lambda: build_model(cfg.model, seed=0))  # shapes and logical axes only
-    graphdef, _ = nnx.split(model, nnx.Param)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     rng = np.random.default_rng(1)
     fill = lambda x: rng.normal(size=x.shape).astype(x.dtype)  # noqa: E731  (numpy: no eager compiles)
     params = jax.tree.map(fill, abstract)
-    tx = make_optimizer(cfg.train, model.decay_mask(params))
+    tx = build_trainer(cfg, model, make_mesh(MeshConfig(**MESHES["one"])))[0].tx  # the run's (DLCM: muP groups)
     opt = jax.tree.map(fill, jax.eval_shape(tx.init, abstract))  # AdamW moments (and counts) of any value
     saved = {"params": params, "opt": opt, "step": np.int32(3)}
 
     def shardings(name):
         mesh = make_mesh(MeshConfig(**MESHES[name]))
-        return mesh, Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh), abstract).state_shardings()
+        return mesh, build_trainer(cfg, model, mesh)[0].state_shardings()
 
     for src, dst in (("dp2_fsdp2_tp2", "one"), ("one", "dp2_fsdp2_tp2"), ("dp8", "fsdp2_tp4")):
         run = tmp_path / f"{src}_to_{dst}"
@@ -278,8 +333,28 @@ def test_checkpoint_restores_across_meshes(arch, tmp_path):
             np.testing.assert_array_equal(np.asarray(x), w)
 
 
+def test_imported_weights_resume_sharded(runs, tmp_path):
+    """A run that holds only parameters at step 0 (scripts/hf.py's import) trains from those parameters on the
+    dp2 x fsdp2 x tp2 mesh: restored into their shardings with a fresh optimizer. The first step's learning
+    rate is 0 (warmup), so its checkpoint holds exactly the imported values (a fresh initialisation would not)."""
+    from train.loop import train
+
+    r = runs("decoder")
+    raw = {**r["raw"], "mesh": MESHES["dp2_fsdp2_tp2"]}
+    raw["train"] = {**raw["train"], "stop_after": 1}  # the fixture's train_step program: a compile-cache hit
+    imported = jax.tree.map(lambda x: np.asarray(x) + 0.5, r["one"][1])  # unlike any initialisation
+    _params_only_run(tmp_path / "run", raw, imported, step=0)
+    summary = train(from_dict(raw, "import"), tmp_path / "run", log=lambda *_: None)
+    assert summary["start_step"] == 0 and summary["final_step"] == 1
+    _, model, step = load_model(tmp_path / "run")
+    assert step == 1
+    for x, w in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param))), jax.tree.leaves(imported)):
+        np.testing.assert_array_equal(np.asarray(x), w)
+
+
 # ---- 4. multi-host ----------------------------------------------------------------------------------------
 def _launch(tmp_path, run_dir, n_proc, extra=()):
+    """`python -m train c.toml` in n_proc processes started together (4 host devices each); their outputs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -291,35 +366,43 @@ def _launch(tmp_path, run_dir, n_proc, extra=()):
              for i in range(n_proc)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
+    return outs
 
 
-# DLCM in two processes: a known bug, found by this test in the merge run of 2026-12-02 and not yet fixed: the
-# losses agree at steps 0-1 and then drift (18 of 20 off; e.g. 5.861 vs 6.713 at step 2). Strict: the test fails
-# as soon as the bug is fixed, so the marker cannot outlive it.
-_DLCM_MP = pytest.param("dlcm", marks=pytest.mark.xfail(strict=True, reason="two-process DLCM training drifts "
-                                                        "from one device after step 1 (open bug)"))
+STOP = 12  # the two-process run stops (checkpoint) here and a second launch resumes it
 
 
-@pytest.mark.parametrize("arch", ("decoder", _DLCM_MP))
+@pytest.mark.parametrize("arch", ("decoder", "dlcm"))
 def test_two_processes_on_localhost_match_one_device(arch, runs):
     """jax.distributed over two local processes x 4 devices (coordinator and process id from the environment,
     the process count from the config) on the dp2 x fsdp2 x tp2 mesh, each process reading its half of the
-    batch: the one-device losses; the checkpoint that every process wrote loads on one device. (Resuming a
-    two-process CPU run from its checkpoint is not covered: it failed here on a cross-host device transfer,
-    see docs/ARCHITECTURE.md "Sharding and multi-host".)"""
+    batch, stopped at step STOP and resumed by a second launch from the checkpoint both processes wrote: the
+    one-device losses over all STEPS steps (DLCM: also its parser loss and boundary rate); every checkpoint
+    carries a manifest of both processes' files; the final checkpoint loads on one device in this process
+    with the one-device parameters."""
     r = runs(arch)
     base = r["base"]
     cfg = from_dict({**r["raw"], "mesh": {**MESHES["dp2_fsdp2_tp2"], "num_processes": 2}}, f"{arch}_mp")
     (base / "c.toml").write_text(dumps(cfg))
-    _launch(base, "multi", 2)
+    run = base / "multi"
+    _launch(base, "multi", 2, [f"train.stop_after={STOP}"])
+    assert checkpoint.good_steps(run) == [STOP] and len(_losses(run)) == STOP
+    outs = _launch(base, "multi", 2)
+    assert f"resumed from step {STOP}" in outs[0], outs[0]
+    assert checkpoint.good_steps(run) == [STOP, STEPS]
+    for step in (STOP, STEPS):  # the manifest (written by process 0) covers the files of both processes
+        step_dir = run / "checkpoints" / str(step)
+        files = json.loads((step_dir / checkpoint.MANIFEST).read_text())["files"]
+        assert set(files) == set(checkpoint._files(step_dir)) and checkpoint.verify(step_dir) is None
     one, _, model = r["one"]
-    b = _losses(base / "multi")
-    assert len(b) == STEPS
-    np.testing.assert_allclose(b, one["loss"], rtol=RTOL)
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, STEPS + 1))
+    np.testing.assert_allclose(_losses(run), one["loss"], rtol=RTOL)
     if arch == "dlcm":
-        np.testing.assert_allclose(_losses(base / "multi", "parser_aux"), one["parser_aux"], rtol=RTOL, atol=1e-7)
+        for key in ("parser_aux", "boundary_rate"):
+            np.testing.assert_allclose(_losses(run, key), one[key], rtol=RTOL, atol=1e-7)
     # the checkpoint that both processes wrote (8 devices) is complete: it loads on one device in this process
-    _, m_multi, step = load_model(base / "multi")
+    _, m_multi, step = load_model(run)
     assert step == STEPS
     for x, y in zip(jax.tree.leaves(nnx.state(m_multi, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)

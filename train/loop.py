@@ -200,6 +200,20 @@ class Trainer:
                 "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
 
 
+def build_trainer(cfg: Config, model, mesh) -> tuple[Trainer, dict]:
+    """The run's Trainer (its jitted steps built) and the model's parameters as a pure dict: the optimizer of
+    `make_optimizer` with the model's own `optimizer_groups` (DLCM's muP groups), the parameter shardings of
+    `core.mesh`. `train` and the tests build the trainer only here, so a test trains with the optimizer a run
+    uses. `model` may be abstract (`nnx.eval_shape`) when only the shardings are wanted."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    tx = make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params))
+    trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
+                      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+    trainer.build_steps()
+    return trainer, params
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -298,12 +312,7 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
 
     model = build_model(cfg.model, seed=cfg.train.seed)
     n_params = count_params(model)
-    graphdef, _ = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params))
-    trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
-                      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
-    trainer.build_steps()
+    trainer, params = build_trainer(cfg, model, mesh)
     state_sh = trainer.state_shardings()
     del model
     state = trainer.init_state(params)
@@ -314,9 +323,12 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
     mngr, start = None, 0
     if resuming and (run_dir / "checkpoints").is_dir():  # restored first: a checkpoint that cannot be resumed
         # is refused before any write; a damaged newest step falls back to the one before (one line each)
-        mngr, start, restored = checkpoint.resume(run_dir, state, cfg, keep=cfg.train.keep_checkpoints, log=log)
-        if start:
-            state = jax.device_put(restored, state_sh)
+        # Each process restores its own shards straight into the state's shardings (no device_put afterwards:
+        # moving an array off one process's devices is a cross-host transfer, which CPU/gloo does not have).
+        mngr, start, restored = checkpoint.resume(run_dir, state, cfg, keep=cfg.train.keep_checkpoints, log=log,
+                                                  shardings=state_sh)
+        if restored is not None:  # also step 0 of an imported run (scripts/hf.py): its params, a fresh optimizer
+            state = restored
     # Only now, with the config, corpus, model and checkpoint known good, does the run directory get written.
     run_dir.mkdir(parents=True, exist_ok=True)
     if lead:
