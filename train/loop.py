@@ -200,6 +200,20 @@ class Trainer:
                 "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
 
 
+def build_trainer(cfg: Config, model, mesh) -> tuple[Trainer, dict]:
+    """The `Trainer` that `python -m train` runs for `model` (AdamW with the model's decay mask and optimizer
+    groups, the jitted steps built) and the model's parameters as a pure dict. The training loop,
+    scripts/bench_train.py, scripts/profile_train.py and tests/test_train_speed.py all build it here, so they
+    time and test the same step."""
+    graphdef, _ = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params))
+    trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
+                      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+    trainer.build_steps()
+    return trainer, params
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -298,12 +312,7 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
 
     model = build_model(cfg.model, seed=cfg.train.seed)
     n_params = count_params(model)
-    graphdef, _ = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params))
-    trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
-                      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
-    trainer.build_steps()
+    trainer, params = build_trainer(cfg, model, mesh)
     state_sh = trainer.state_shardings()
     del model
     state = trainer.init_state(params)
