@@ -132,6 +132,7 @@ def _seq_scan_fwd(x, dt, A, Bm, Cm, h0):
 
 def _seq_scan_bwd(res, cts):
     x, dt, A, Bm, Cm, h_starts = res
+    h0 = h_starts[0]
     dy, dh_end = cts
 
     def chunk(carry, inp):
@@ -153,13 +154,13 @@ def _seq_scan_bwd(res, cts):
             d_dt = jnp.einsum("ben,en->be", q, A) + GB * x_t
             dB = jnp.einsum("ben,be->bn", G, u)
             dC = jnp.einsum("ben,be->bn", a * hp + u[..., None] * B_t[:, None, :], dy_t)
-            dA = dA + jnp.einsum("ben,be->en", q, dt_t)
+            dA = dA + q * dt_t[..., None]  # summed over the batch once, after the loops (no per-step transpose)
             return (a * G, dA), (GB * dt_t, d_dt, dB, dC)
         return jax.lax.scan(back, carry, (hprev, x_c, dt_c, B_c, C_c, dy_c), reverse=True)
 
-    (dh0, dA), (dx, ddt, dB, dC) = jax.lax.scan(chunk, (dh_end, jnp.zeros_like(A)),
+    (dh0, dA), (dx, ddt, dB, dC) = jax.lax.scan(chunk, (dh_end, jnp.zeros_like(h0)),
                                                 (x, dt, Bm, Cm, dy, h_starts), reverse=True)
-    return dx, ddt, dA, dB, dC, dh0
+    return dx, ddt, dA.sum(0), dB, dC, dh0
 
 
 @jax.custom_vjp
