@@ -114,7 +114,7 @@ def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chun
 # input's gradient from it (a_t = exp(dt_t A), u_t = dt_t x_t):
 #   dL/d(dt_t A) = G_t h_{t-1} a_t   ->  d dt_t = sum_n (.) A + (sum_n G_t B_t) x_t,  dA += sum (.) dt_t
 #   d x_t = (sum_n G_t B_t) dt_t,  d B_t = sum_e G_t u_t,  d C_t = sum_e dy_t h_t.
-# Measured on the 2-core CPU, fwd + bwd of samba_tiny's scan (B 32, L 128, E 256, N 16): 1.5-2.5x faster than
+# Measured on the 2-core CPU under load, fwd + bwd of samba_tiny's scan (B 32, L 128, E 256, N 16): 1.2-2.5x faster than
 # JAX's derivative. (Doing the reductions after the loop, vectorised over a chunk's [T, B, E, N], was 1.5x
 # slower than JAX's: XLA:CPU materialised the broadcasts.)
 def _seq_scan_fwd(x, dt, A, Bm, Cm, h0):
