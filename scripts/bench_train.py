@@ -175,15 +175,12 @@ def main(argv=None) -> int:
                         f"and {args.warmup}")
 
     import jax
-    import numpy as np
-    from flax import nnx
 
     from core import compile_cache
     from core.config import load_config
-    from core.mesh import batch_sharding, batch_shards, make_mesh, param_shardings
+    from core.mesh import batch_shards, make_mesh
     from models.contract import count_params
-    from models.registry import build_model
-    from train.loop import Trainer, make_optimizer, optimizer_groups
+    from scripts.profile_train import setup
 
     compile_cache.enable(args.compile_cache)
     cfg = load_config(args.config, args.overrides)
@@ -211,20 +208,9 @@ def main(argv=None) -> int:
                         grad_clip=t.grad_clip, threads=args.threads)
             ref = TorchRef(python, spec)
 
-    model = build_model(cfg.model, seed=0)
+    model, trainer, state, toks, pre = setup(cfg)
     n_params = count_params(model)
     fpt = float(model.flops_per_token(l))
-    graphdef, _ = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params))
-    trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
-                      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
-    trainer.build_steps()
-    state = trainer.init_state(params)
-    rng = np.random.default_rng(0)
-    data_sh = batch_sharding(mesh)
-    toks = jax.device_put(rng.integers(0, 256, (b, l + 1)).astype(np.int32), data_sh)
-    pre = jax.device_put(np.full((b,), l // 2, np.int32), data_sh)
     t0 = time.perf_counter()
     state, m = trainer.train_step(state, toks, pre)
     jax.block_until_ready(m)

@@ -56,6 +56,7 @@ RULES = (
     ("train/loop.py", "loss_terms", "loss"),
     ("train/loop.py", "target_weights", "loss"),
     ("models/mamba.py", "selective_scan", "mamba scan"),
+    ("models/mamba.py", "_seq_", "mamba scan"),
     ("models/mamba.py", "", "mamba other"),
     ("models/attention.py", "", "attention"),
     ("models/contract.py", "key_visible", "attention"),
@@ -213,31 +214,26 @@ def profile(trainer, state, toks, pre, steps: int):
     return per_op, times[len(times) // 2], hlo
 
 
-def build(config, overrides):
+def setup(cfg, seed: int = 0):
+    """(model, trainer, step-0 state, tokens [B, L+1], prefix lengths [B]) for the real train step of `cfg`
+    (train.loop.build_trainer) on a fixed random batch, placed as the training loop places it. Shared with
+    scripts/bench_train.py and tests/test_train_speed.py."""
     import jax
     import numpy as np
-    from flax import nnx
 
-    from core.config import load_config
-    from core.mesh import batch_sharding, make_mesh, param_shardings
+    from core.mesh import batch_sharding, make_mesh
     from models.registry import build_model
-    from train.loop import Trainer, make_optimizer
+    from train.loop import build_trainer
 
-    cfg = load_config(config, overrides)
     mesh = make_mesh(cfg.mesh)
-    model = build_model(cfg.model, seed=0)
-    graphdef, _ = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = make_optimizer(cfg.train, model.decay_mask(params))
-    trainer = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
-                      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
-    trainer.build_steps()
+    model = build_model(cfg.model, seed=seed)
+    trainer, params = build_trainer(cfg, model, mesh)
     state = trainer.init_state(params)
     b, l = cfg.data.batch_size, cfg.data.seq_len
     ds = batch_sharding(mesh)
     toks = jax.device_put(np.random.default_rng(0).integers(0, 256, (b, l + 1)).astype(np.int32), ds)
     pre = jax.device_put(np.full((b,), l // 2, np.int32), ds)
-    return cfg, model, trainer, state, toks, pre
+    return model, trainer, state, toks, pre
 
 
 @cli
@@ -254,7 +250,10 @@ def main(argv=None) -> int:
     from core import compile_cache
 
     compile_cache.enable()
-    cfg, model, trainer, state, toks, pre = build(args.config, args.overrides)
+    from core.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    model, trainer, state, toks, pre = setup(cfg)
     per_op, step_s, hlo = profile(trainer, state, toks, pre, args.steps)
     info = parse_hlo(hlo)
     groups, kinds, rows = collections.Counter(), collections.Counter(), []

@@ -60,16 +60,24 @@ def test_chunked_scan_matches_sequential_reference():
     A = -jnp.exp(jax.random.normal(ks[2], (e, n)))
     Bm, Cm = jax.random.normal(ks[3], (b, l, n)), jax.random.normal(ks[4], (b, l, n))
     h0 = jax.random.normal(ks[5], (b, e, n))
+    w_h = jax.random.normal(ks[0], (b, e, n))
     y_ref, h_ref = selective_scan_ref(x, dt, A, Bm, Cm, h0)
-    sq = lambda scan: jax.jit(jax.grad(lambda x, dt, h0: jnp.sum(scan(x, dt, A, Bm, Cm, h0)[0] ** 2), (0, 1, 2)))
-    g_ref = sq(selective_scan_ref)(x, dt, h0)
-    for inner, chunk in (("seq", 8), ("assoc", 8)):  # several chunks, the last one padded
+
+    def grads(scan):  # of every input, through the outputs y and the final state both
+        def loss(*args):
+            y, h = scan(*args)
+            return jnp.sum(y ** 2) + jnp.sum(h * w_h)
+        return jax.jit(jax.grad(loss, tuple(range(6))))(x, dt, A, Bm, Cm, h0)
+
+    g_ref = grads(selective_scan_ref)
+    # several chunks, the last one padded; "seq" has a hand-written backward pass (models/mamba.py, _seq_scan)
+    for inner, chunk in (("seq", 8), ("assoc", 8), ("seq", 64)):
         scan = functools.partial(selective_scan, chunk=chunk, inner=inner)
         y, h = jax.jit(scan)(x, dt, A, Bm, Cm, h0)
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
-        for a, r in zip(sq(scan)(x, dt, h0), g_ref):  # through the rematerialised chunks
-            np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+        for name, a, r in zip(("x", "dt", "A", "B", "C", "h0"), grads(scan), g_ref):
+            np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=f"d/d{name} ({inner}, chunk {chunk})")
 
 
 def test_forward_is_causal_and_prefix_bidirectional(forward):

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from core import compile_cache
 from models import attention
@@ -42,25 +41,13 @@ def test_chunked_causal_attention_equals_the_dense_masked_attention(monkeypatch,
         np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
 
 
-def test_second_train_step_reuses_the_first_steps_compilation(tmp_path):
+def test_second_train_step_reuses_the_first_steps_compilation():
     from core.config import from_dict
-    from core.mesh import batch_sharding, make_mesh, param_shardings
-    from models.registry import build_model
-    from train.loop import Trainer, make_optimizer
+    from scripts.profile_train import setup  # the profiler's and the benchmark's setup: the real train step
 
     cfg = from_dict({"model": {"arch": "decoder", "d_model": 16, "n_layers": 1, "n_heads": 2, "attn_block": 16},
                      "data": {"sources": ["x"], "seq_len": 8, "batch_size": 8}}, "t")
-    mesh = make_mesh(cfg.mesh)
-    model = build_model(cfg.model, seed=0)
-    graphdef, _ = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = make_optimizer(cfg.train, model.decay_mask(params))
-    tr = Trainer(cfg, graphdef, tx, mesh, param_shardings(model, mesh),
-                 jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
-    tr.build_steps()
-    state = tr.init_state(params)
-    toks = jax.device_put(np.zeros((8, 9), np.int32), batch_sharding(mesh))
-    pre = jax.device_put(np.zeros((8,), np.int32), batch_sharding(mesh))
+    _, tr, state, toks, pre = setup(cfg)
     for _ in range(3):
         state, m = tr.train_step(state, toks, pre)
     jax.block_until_ready(m)

@@ -202,9 +202,10 @@ class Trainer:
 
 def build_trainer(cfg: Config, model, mesh) -> tuple[Trainer, dict]:
     """The run's Trainer (its jitted steps built) and the model's parameters as a pure dict: the optimizer of
-    `make_optimizer` with the model's own `optimizer_groups` (DLCM's muP groups), the parameter shardings of
-    `core.mesh`. `train` and the tests build the trainer only here, so a test trains with the optimizer a run
-    uses. `model` may be abstract (`nnx.eval_shape`) when only the shardings are wanted."""
+    `make_optimizer` with the model's decay mask and its own `optimizer_groups` (DLCM's muP groups), the parameter
+    shardings of `core.mesh`. The training loop, the tests, scripts/bench_train.py and scripts/profile_train.py
+    build the trainer only here, so they train, time and test the step a run uses. `model` may be abstract
+    (`nnx.eval_shape`) when only the shardings are wanted."""
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
     tx = make_optimizer(cfg.train, model.decay_mask(params), optimizer_groups(model, params))
