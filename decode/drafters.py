@@ -231,30 +231,10 @@ class _Context:
 
 
 @numba.njit(cache=True)
-def _prompt_lookup(ctx, n, max_ngram, max_match):
-    """(match length, start of the continuation) for the most recent earlier occurrence of the last
-    g tokens, g = max_ngram..1; the match is then extended backwards (up to max_match) to size the draft."""
-    for g in range(min(max_ngram, n - 1), 0, -1):
-        for i in range(n - g - 1, -1, -1):  # i + g <= n - 1: at least one token follows
-            ok = True
-            for j in range(g):
-                if ctx[i + j] != ctx[n - g + j]:
-                    ok = False
-                    break
-            if ok:
-                length = g
-                while length < max_match and i - (length - g) - 1 >= 0 and \
-                        ctx[i - (length - g) - 1] == ctx[n - length - 1]:
-                    length += 1
-                return length, i + g
-    return 0, 0
-
-
-@numba.njit(cache=True)
 def _recent_occurrence(ctx, n, g):
     """Start of what followed the most recent earlier occurrence of ctx[n-g:n] (-1 if none): the
     position right after an occurrence ending before n."""
-    for i in range(n - g - 1, -1, -1):
+    for i in range(n - g - 1, -1, -1):  # i + g <= n - 1: at least one token follows
         ok = True
         for j in range(g):
             if ctx[i + j] != ctx[n - g + j]:
@@ -263,6 +243,20 @@ def _recent_occurrence(ctx, n, g):
         if ok:
             return i + g
     return -1
+
+
+@numba.njit(cache=True)
+def _prompt_lookup(ctx, n, max_ngram, max_match):
+    """(match length, start of the continuation) for the most recent earlier occurrence of the last
+    g tokens, g = max_ngram..1; the match is then extended backwards (up to max_match) to size the draft."""
+    for g in range(min(max_ngram, n - 1), 0, -1):
+        start = _recent_occurrence(ctx, n, g)
+        if start >= 0:
+            length = g
+            while length < max_match and start - length - 1 >= 0 and ctx[start - length - 1] == ctx[n - length - 1]:
+                length += 1
+            return length, start
+    return 0, 0
 
 
 class PromptLookupDrafter(Drafter):

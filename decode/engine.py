@@ -82,6 +82,10 @@ class Engine:
                             verify_sizes=self.verify_sizes, prefix_prompt=self.prefix_prompt,
                             host_call=self._host.call)
         self._verify_cost: dict = {}  # batch size -> VerifyCost, measured once (verify_cost)
+        # what the cost of a step depends on besides the machine and the code (verify_cost_path)
+        self._cost_key = repr((type(model).__module__, type(model).__qualname__, getattr(model, "cfg", None),
+                               [(tuple(x.shape), str(x.dtype)) for x in self.params], self.max_len,
+                               self.verify_sizes, self.prefix_prompt, mesh is not None and mesh.shape))
 
     # The limits, as attributes of the engine (tests and the CLIs read them).
     max_len = property(lambda self: self.limits.max_len)
@@ -204,11 +208,19 @@ class Engine:
 
     def verify_cost(self, batch_size: int = 1, **kw):
         """The measured cost of a speculative step per verify size at this batch size (a VerifyCost, in
-        CPU seconds), measured once per engine and batch size (about 150 steps per size; `kw`: see
-        measure_verify_cost). The "cost" draft rule sizes drafts by it."""
-        if batch_size not in self._verify_cost:
-            self._verify_cost[batch_size] = measure_verify_cost(self, batch_size=batch_size, **kw)
-        return self._verify_cost[batch_size]
+        CPU seconds). Measured once per (model, engine settings, batch size, machine, code): kept in memory
+        and on disk next to the compilation cache (`verify_cost_path`), so a repeated eval or `python -m
+        decode --drafter sam` reads it instead of paying ~100 steps per size again. `kw`: see
+        measure_verify_cost (a call with `kw` always measures). The "cost" draft rule sizes drafts by it."""
+        if batch_size in self._verify_cost and not kw:
+            return self._verify_cost[batch_size]
+        path = None if kw else verify_cost_path(self, batch_size)
+        cost = _read_cost(path)
+        if cost is None:
+            cost = measure_verify_cost(self, batch_size=batch_size, **kw)
+            _write_cost(path, cost)
+        self._verify_cost[batch_size] = cost
+        return cost
 
     # ---- compile ahead of timing -------------------------------------------------------------------
     def warmup(self, batch_size: int, prompt_len: int, *, speculative: bool = False,
@@ -228,18 +240,21 @@ class Engine:
 
 
 class _FixedDraft:
-    """Drafts k copies of token 0 every step (all rejected but by chance): a verify step of size k."""
+    """Drafts k copies of token 0 every step (all rejected but by chance): a verify step of size k. Its
+    `stamps` are the CPU clock at each `draft` call, i.e. once per verify step, from the host callback."""
 
     observes = False
 
     def __init__(self, k: int):
         self.k = k
         self.draft_ = np.zeros(k, np.int32)
+        self.stamps: list = []
 
     def reset(self, prompt):
         pass
 
     def draft(self, k):
+        self.stamps.append(time.process_time())
         return self.draft_[:k]
 
     def accept(self, tokens):
@@ -249,15 +264,16 @@ class _FixedDraft:
         pass
 
 
-def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: int = 64, steps: int = 12,
-                        rounds: int = 3):
+def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: int = 64, steps: int = 24,
+                        rounds: int = 2):
     """Cost of one speculative-loop step at each verify size (size 0: a plain step inside the loop), in CPU
-    seconds of this process: the median of `rounds` interleaved rounds after one untimed round (which
-    compiles what is missing). Each round runs `steps` and 2 * `steps` verify steps and keeps the difference,
-    so prefill and the fixed cost of a request cancel. CPU time rather than wall time, because on a shared
-    machine the wall time of a step is mostly waiting for a core (measured with 8 agents on 2 cores: wall
-    ratios of 3.8x for a step that costs 1.3x); then a size never costs more than a larger one (a spike
-    is noise: the larger verify does strictly more work)."""
+    seconds of this process: the median of the CPU time between consecutive steps (the drafter stamps the
+    clock at every step, from inside the loop's host callback) over `rounds` requests of `steps` steps per
+    size, sizes interleaved, after one short untimed request per size (which compiles what is missing). A
+    median of single-step intervals ignores prefill, the request's fixed cost and the odd preempted step.
+    CPU time rather than wall time, because on a shared machine the wall time of a step is mostly waiting
+    for a core (measured with 8 agents on 2 cores: wall ratios of 3.8x for a step that costs 1.3x); then a
+    size never costs more than a larger one (a spike is noise: the larger verify does strictly more work)."""
     from decode.drafters import VerifyCost
 
     rng = np.random.default_rng(0)
@@ -266,20 +282,92 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
     sizes = tuple(sorted({0} | set(engine.verify_sizes)))
     samples: dict = {k: [] for k in sizes}
 
-    def cpu(k, n):
-        c0 = time.process_time()
-        res = engine.generate_speculative(prompts, [_FixedDraft(k) for _ in prompts], max_new_tokens=n + kmax + 1,
-                                          stop_ids=(), batch_size=batch_size)
-        return time.process_time() - c0, res.verify_calls
+    def run(k, n):
+        d = [_FixedDraft(k) for _ in prompts]
+        engine.generate_speculative(prompts, d, max_new_tokens=n + kmax + 1, stop_ids=(), batch_size=batch_size)
+        return np.diff(d[0].stamps[:n + 1])  # steps whose drafts were not yet cut by the budget
 
     for r in range(rounds + 1):
         for k in sizes:
-            (c1, n1), (c2, n2) = cpu(k, steps), cpu(k, 2 * steps)
+            dt = run(k, steps if r else 2)
             if r:
-                samples[k].append(max(c2 - c1, 1e-9) / max(n2 - n1, 1))
-    med = [float(np.median(samples[k])) for k in sizes]
+                samples[k] += dt.tolist()
+    med = [max(float(np.median(samples[k])), 1e-9) for k in sizes]
     iso = [min(med[i:]) for i in range(len(med))]  # non-decreasing in size
     return VerifyCost(sizes, tuple(iso))
+
+
+def _code_hash() -> str:
+    """Of the code a step runs: the engine's loops and the models (a changed step is another cost)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted([*(root / "decode").glob("*.py"), *(root / "models").glob("*.py")]):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return repr((platform.node(), platform.machine(), cpu, os.cpu_count(), dev.platform,
+                 getattr(dev, "device_kind", ""), jax.device_count(), jax.__version__))
+
+
+def verify_cost_path(engine: "Engine", batch_size: int):
+    """Where the verify-cost table of this engine at this batch size is kept: `verify_cost/<key>.json` in
+    the compilation cache directory (core.compile_cache.default_dir: `$LMARCH_COMPILE_CACHE`, else
+    ~/.cache/lmarch/jax; None when that is off). The key hashes the model (class, config, parameter
+    shapes), the engine's settings, the batch size, the machine (host, CPU, devices, jax version) and the
+    code of decode/ and models/."""
+    import hashlib
+    from pathlib import Path
+
+    from core.compile_cache import default_dir
+
+    base = default_dir()
+    if base is None:
+        return None
+    key = hashlib.sha256(repr((engine._cost_key, int(batch_size), _machine(), _code_hash())).encode()).hexdigest()
+    return Path(base) / "verify_cost" / f"{key[:32]}.json"
+
+
+def _read_cost(path):
+    import json
+
+    from decode.drafters import VerifyCost
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        return VerifyCost(tuple(int(k) for k in d["sizes"]), tuple(float(c) for c in d["cost_s"]))
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged entry is measured again
+        return None
+
+
+def _write_cost(path, cost) -> None:
+    import json
+    import os
+
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"sizes": list(cost.sizes), "cost_s": list(cost.cost)}))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache directory: measure again next time
+        pass
 
 
 def engine_for_run(run_dir, *, step: int | None = None, prefix: bool | None = None, mesh=None, **kw):

@@ -468,3 +468,31 @@ def test_engine_is_architecture_agnostic(arch, prefix):
         got = eng.generate_speculative(ps, [make_drafter(name, vocab_size=model.vocab_size, cost=CHEAP, max_len=4)
                                             for _ in ps], max_new_tokens=12, stop_ids=())
         assert [t.tolist() for t in got.tokens] == [t.tolist() for t in plain.tokens], name
+
+
+def test_verify_cost_is_measured_once_and_then_read_from_disk(monkeypatch, tmp_path):
+    """The cost table is kept per (model, engine settings, batch, machine, code) next to the compilation
+    cache: a second engine of the same model (a rerun of the CLI) reads it and measures nothing."""
+    import decode.engine as engine_mod
+
+    monkeypatch.setenv("LMARCH_COMPILE_CACHE", str(tmp_path))
+    model = DecoderLM(DecoderConfig(d_model=32, n_layers=1, n_heads=2, attn_block=16), rngs=nnx.Rngs(4))
+    calls = []
+    measure = engine_mod.measure_verify_cost
+    monkeypatch.setattr(engine_mod, "measure_verify_cost", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    first = Engine(model, max_len=128, verify_sizes=(1, 4))
+    cost = first.verify_cost(1)
+    assert calls == [1] and cost.sizes == (0, 1, 4) and all(c > 0 for c in cost.cost)
+    assert list(cost.cost) == sorted(cost.cost)
+    again = Engine(model, max_len=128, verify_sizes=(1, 4))
+    assert again.verify_cost(1) == cost and calls == [1]  # from disk: no step was run
+    path = engine_mod.verify_cost_path(again, 1)
+    assert path.is_file() and path.parent.parent == tmp_path
+    # another batch size, other verify sizes or another model are other entries
+    other = DecoderLM(DecoderConfig(d_model=32, n_layers=2, n_heads=2, attn_block=16), rngs=nnx.Rngs(4))
+    assert len({path, engine_mod.verify_cost_path(again, 2),
+                engine_mod.verify_cost_path(Engine(model, max_len=128, verify_sizes=(1, 2, 4)), 1),
+                engine_mod.verify_cost_path(Engine(other, max_len=128, verify_sizes=(1, 4)), 1)}) == 4
+    path.write_text("{not json")  # a damaged entry is measured again
+    first._verify_cost.clear()
+    assert first.verify_cost(1).sizes == (0, 1, 4) and calls == [1, 1]
