@@ -213,6 +213,9 @@ def from_dict(raw: dict, name: str) -> Config:
     arch = model_raw.get("arch")
     if arch not in MODEL_CONFIGS:
         raise UserError(f"model.arch must be one of {', '.join(sorted(MODEL_CONFIGS))}; got {arch!r}")
+    sep_given = "doc_start_id" in model_raw
+    if not sep_given and "doc_start_id" in {f.name for f in dataclasses.fields(MODEL_CONFIGS[arch])}:
+        model_raw["doc_start_id"] = -1  # until the tokenizer's id is set below (the default may not exist)
     model = _build(MODEL_CONFIGS[arch], "model", model_raw)
     sections = {s: _build(cls, s, raw.get(s, {})) for s, cls in SECTIONS.items()}
     cfg = Config(name=name, model=model, **sections)
@@ -236,7 +239,7 @@ def from_dict(raw: dict, name: str) -> Config:
         raise UserError(f"model.vocab_size {cfg.model.vocab_size} < vocabulary {vocab} of tokenizer "
                         f"{cfg.data.tokenizer!r}")
     if hasattr(cfg.model, "doc_start_id"):  # DLCM: document starts are forced concept boundaries
-        cfg = _document_starts(cfg, "doc_start_id" in model_raw)
+        cfg = _document_starts(cfg, sep_given)
     return cfg
 
 
