@@ -102,7 +102,9 @@ class DLCMConfig:
     d_scan: int = 0  # width of W_q / W_k; 0: d_model (then both start as the identity, as in H-Net)
     target_ratio: float = 4.0  # R: target tokens per concept
     aux_weight: float = 0.03  # lambda
-    sharpen: float = 6.0  # training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s))
+    sharpen: float = 6.0  # training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s)). The parser
+    #                       drives the SAMPLED rate to 1/R; draws at p < 1/2 never fire at evaluation, so the eval
+    #                       ratio overshoots R (dlcm_tiny, R = 8: +19% at s = 6, +12% at s = 16; R = 4: +6% at 6)
     eval_threshold: float = 0.5  # evaluation and decoding: b = [p >= eval_threshold]
     doc_start_id: int = 257  # this token always starts a concept (the data's document separator: the
     #                          tokenizer's EOS, written after every document by core/data.py); -1: none. A run
