@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import UserError
-from core.tokenizer import check_tokenizer_spec, tokenizer_vocab_size
+from core.tokenizer import check_tokenizer_spec, document_separator_id, tokenizer_vocab_size
 from models.registry import MODEL_CONFIGS
 
 
@@ -213,6 +213,9 @@ def from_dict(raw: dict, name: str) -> Config:
     arch = model_raw.get("arch")
     if arch not in MODEL_CONFIGS:
         raise UserError(f"model.arch must be one of {', '.join(sorted(MODEL_CONFIGS))}; got {arch!r}")
+    sep_given = "doc_start_id" in model_raw
+    if not sep_given and "doc_start_id" in {f.name for f in dataclasses.fields(MODEL_CONFIGS[arch])}:
+        model_raw["doc_start_id"] = -1  # until the tokenizer's id is set below (the default may not exist)
     model = _build(MODEL_CONFIGS[arch], "model", model_raw)
     sections = {s: _build(cls, s, raw.get(s, {})) for s, cls in SECTIONS.items()}
     cfg = Config(name=name, model=model, **sections)
@@ -235,6 +238,22 @@ def from_dict(raw: dict, name: str) -> Config:
     if vocab > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size {cfg.model.vocab_size} < vocabulary {vocab} of tokenizer "
                         f"{cfg.data.tokenizer!r}")
+    if hasattr(cfg.model, "doc_start_id"):  # DLCM: document starts are forced concept boundaries
+        cfg = _document_starts(cfg, sep_given)
+    return cfg
+
+
+def _document_starts(cfg: Config, given: bool) -> Config:
+    """model.doc_start_id follows the tokenizer: its end-of-document id (written after every document, so
+    it opens the next one's context) when the config leaves it out; a given id must be that one or < 0
+    (no forced document starts)."""
+    sep = document_separator_id(cfg.data.tokenizer)
+    if not given:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, doc_start_id=sep))
+    if 0 <= cfg.model.doc_start_id != sep:
+        raise UserError(f"model.doc_start_id {cfg.model.doc_start_id} is not the document separator of tokenizer "
+                        f"{cfg.data.tokenizer!r} (its end-of-document id is {sep}); valid: {sep}, -1 (none), or "
+                        f"leave it out to follow the tokenizer")
     return cfg
 
 

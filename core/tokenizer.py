@@ -244,6 +244,15 @@ def tokenizer_vocab_size(spec: str) -> int:
     return get_tokenizer(spec).vocab_size
 
 
+def document_separator_id(spec: str) -> int:
+    """The id core/data.py writes after every document (the tokenizer's EOS), without training anything: a
+    trained bpe:N puts BOS, EOS, PAD last (`train_bpe`), so its EOS is N - 2."""
+    check_tokenizer_spec(spec)
+    if spec.startswith("bpe:"):
+        return int(spec[4:]) - len(BPE_SPECIALS) + BPE_SPECIALS.index("<|eos|>")
+    return get_tokenizer(spec).eos_id
+
+
 @functools.lru_cache(maxsize=8)
 def _hf_tokenizer(path: str, mtime: int) -> HFTokenizer:
     del mtime  # part of the cache key: an edited file is read again

@@ -44,7 +44,9 @@ per layer); slot = position for token caches, slot = concept index for concept c
 `extend` is parallel over its K tokens: the token stacks run as in the decoder, the boundaries need only
 h_{t-1} and h_t (and the cap the count before the block), the concepts closed inside the block (at most K)
 are packed into K backbone slots written at J..J+K-1 (the unused ones are garbage beyond the new J, hence
-inert), and each token's cross-attention query position is its own J_t. The per-position state after each
+inert), and each token's cross-attention query position is its own J_t. The concept path (backbone, cross
+K/V, counts) runs only in an extend where some row closes a concept or starts empty: a plain decode step
+pays for the backbone about once per concept, not once per token. The per-position state after each
 of the K tokens is pending (`ConceptPending`); `commit(n)` selects the state after exactly n tokens and
 returns the structure of `init_cache`. Concept caches hold cap(token capacity - 1) + 1 slots.
 Prefix LM (the full forward and a prefill's `extend(..., prefix_len_B)` alike): the token stacks read the
@@ -100,10 +102,13 @@ class DLCMConfig:
     d_scan: int = 0  # width of W_q / W_k; 0: d_model (then both start as the identity, as in H-Net)
     target_ratio: float = 4.0  # R: target tokens per concept
     aux_weight: float = 0.03  # lambda
-    sharpen: float = 6.0  # training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s))
+    sharpen: float = 6.0  # training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s)). The parser
+    #                       drives the SAMPLED rate to 1/R; draws at p < 1/2 never fire at evaluation, so the eval
+    #                       ratio overshoots R (dlcm_tiny, R = 8: +19% at s = 6, +12% at s = 16; R = 4: +6% at 6)
     eval_threshold: float = 0.5  # evaluation and decoding: b = [p >= eval_threshold]
-    doc_start_id: int = 257  # this token always starts a concept (the data's document separator: the byte
-    #                          tokenizer's EOS, written after every document by core/data.py); -1: none
+    doc_start_id: int = 257  # this token always starts a concept (the data's document separator: the
+    #                          tokenizer's EOS, written after every document by core/data.py); -1: none. A run
+    #                          config that leaves it out gets its tokenizer's (core.config); 257: bytes
     # Concept slots: by position t (0-based) at most floor((t + 1) * concept_slots / R) + concept_slack
     # concepts exist (the open one included); a boundary beyond that is dropped, in training, evaluation and
     # decoding alike (the cap depends on the position only). A length-L forward runs the backbone over
@@ -604,26 +609,38 @@ class DLCMLM(LM):
         packed_sum = jnp.zeros_like(prev_sum).at[rows, dest].set(prev_sum, mode="drop")
         packed_cnt = jnp.zeros_like(prev_cnt).at[rows, dest].set(prev_cnt, mode="drop")
 
-        # backbone over the K packed slots at concept positions J0 .. J0+K-1 (slots >= new J are garbage);
-        # causal whatever the prefix
+        # The concept path (backbone over the K packed slots at concept positions J0 .. J0+K-1, their cross
+        # K/V, the null concept's K/V in slot 0, the replicated counts) runs only when some row closes a
+        # concept in this block, or starts empty (the null slot is written at a row's first extend, and slot
+        # 0 is never written otherwise). Skipping it changes nothing visible: everything it writes at or past
+        # the new J is garbage (inert), and it writes no slot below J. A 0-or-1-trip while loop, not lax.cond:
+        # XLA:CPU copies caches written inside a conditional branch, a loop's carry is updated in place.
         con = StepCtx(j0, j0[:, None] + ar, n_con)
-        zc = self._concepts_in(packed_sum, packed_cnt)
-        bb = []
-        for blk_m, c in zip(self.bb_blocks, cc.backbone):
-            zc, c, _ = blk_m.extend(zc, c, con)
-            bb.append(c)
-        kz, vz = self.cross.kv(self.bb_norm(zc))
-        k0, v0 = self._null_kv(b)
-        slots = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), con.pos + 1], axis=1)
-        ck = scatter_rows_heads_first(cc.cross.k, jnp.concatenate([k0, kz], axis=1), slots)
-        cv = scatter_rows_heads_first(cc.cross.v, jnp.concatenate([v0, vz], axis=1), slots)
+
+        def concept_path(carry):
+            bb_c, ck, cv, counts, _ = carry
+            zc = self._concepts_in(packed_sum, packed_cnt)
+            bb = []
+            for blk_m, c in zip(self.bb_blocks, bb_c):  # causal whatever the prefix
+                zc, c, _ = blk_m.extend(zc, c, con)
+                bb.append(c)
+            kz, vz = self.cross.kv(self.bb_norm(zc))
+            k0, v0 = self._null_kv(b)
+            slots = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), con.pos + 1], axis=1)
+            ck = scatter_rows_heads_first(ck, jnp.concatenate([k0, kz], axis=1), slots)
+            cv = scatter_rows_heads_first(cv, jnp.concatenate([v0, vz], axis=1), slots)
+            if counts is not None:
+                # concept r closed in the block was replicated by its own tokens' successors: slot J0 + r
+                # holds the length of concept J0 + r (packed_cnt); slots past the new J are garbage, hence inert
+                counts = scatter_rows(counts, packed_cnt, j0[:, None] + ar)
+            return tuple(bb), ck, cv, counts, jnp.zeros((), bool)
+
+        run = jnp.any(close) | jnp.any(cache.lengths == 0)
+        bb, ck, cv, counts, _ = jax.lax.while_loop(
+            lambda c: c[-1], concept_path, (tuple(cc.backbone), cc.cross.k, cc.cross.v, cc.counts, run))
 
         # strict cross-attention: token i sees slots 0 .. J_i (null + closed concepts)
-        counts = cc.counts
         if cfg.cross_weighting == "replicated":
-            # concept r closed in the block was replicated by its own tokens' successors: slot J0 + r holds
-            # the length of concept J0 + r (packed_cnt); slots past the new J are garbage, hence inert
-            counts = scatter_rows(counts, packed_cnt, j0[:, None] + ar)
             bias = replication_bias(counts.shape[1], j_after, run_cnt, counts)
             o = biased_attention(self.cross.query(h), ck, cv, bias)
         else:

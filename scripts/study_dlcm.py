@@ -11,7 +11,9 @@ Writes {"ratio": {"overall", "by_content": {code, comments, docstrings, strings}
   document separator as in training and read in seq_len windows. Content types come from Python's tokenize:
   comments, docstrings (a string that is a whole statement), other string literals, and everything else
   (code). A type's ratio is its tokens over the concepts that start on them (the window's first token,
-  a forced boundary, is left out);
+  a forced boundary, is left out); `ratio.modes`: the same windows with the training-mode (sampled)
+  boundaries the Global Parser drives to 1/R, against the threshold, and the share of sampled boundaries
+  drawn where p is below the threshold (they never fire at evaluation: why the two ratios differ);
 - inference FLOPs per token at a context of seq_len (2 N per token, the backbone once per realised concept;
   attention counted in full), and the training FLOPs per token the trainer reports;
 - validation bits per byte on the trainer's validation windows;
@@ -118,6 +120,39 @@ def val_bpb_and_ratio(cfg, model, corpus, tok):
     return tot / max(nb, 1.0) / LN2, (len(batches) / f if dlcm and f > 0 else None)
 
 
+def sampled_vs_threshold(cfg, model, corpus, seeds: int = 4):
+    """Why the evaluation ratio can miss R: the Global Parser drives the rate of the SAMPLED training-mode
+    boundaries (Bernoulli(sharpen(p))) to 1/R, while evaluation thresholds p. On the trainer's validation
+    windows: tokens per concept with sampled boundaries (mean over `seeds` draws) and with the threshold, and
+    the share of sampled boundaries drawn at tokens whose p is below the threshold (those never fire at
+    evaluation)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from core.data import eval_batches
+
+    gdef, state = nnx.split(model)
+    thr = cfg.model.eval_threshold
+
+    @jax.jit
+    def run(toks, key):
+        m = nnx.merge(gdef, state)
+        p, b_eval = m.boundaries(toks)
+        _, b_samp = m.boundaries(toks, rng=key)
+        low = (p < thr) & b_samp
+        return jnp.mean(b_samp), jnp.mean(b_eval), jnp.sum(low) / jnp.maximum(jnp.sum(b_samp), 1)
+
+    rows = []
+    for i, b in enumerate(eval_batches(corpus.val, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
+                                       n_batches=cfg.train.eval_batches)):
+        for s in range(seeds):
+            rows.append(np.asarray(jax.device_get(run(jnp.asarray(b[:, :-1]), jax.random.key(1000 * i + s)))))
+    f_samp, f_eval, low = np.mean(rows, axis=0)
+    return {"sampled": float(1 / f_samp), "threshold": float(1 / f_eval), "sampled_below_threshold": float(low)}
+
+
 def ratio_by_content(cfg, model, tok, n_files: int):
     """Tokens per concept by content type over validation files (threshold boundaries, seq_len windows)."""
     import jax
@@ -186,6 +221,7 @@ def describe(cfg, model, step, tokens, corpus, tok, n_files):
     if cfg.model.arch == "dlcm":
         by, overall_files, counts, nf = ratio_by_content(cfg, model, tok, n_files)
         row.update({"target_ratio": cfg.model.target_ratio, "cross_weighting": cfg.model.cross_weighting,
+                    "ratio_modes": sampled_vs_threshold(cfg, model, corpus),
                     "ratio_val_windows": ratio, "ratio_files": overall_files, "by_content": by,
                     "content_tokens": counts, "files": nf,
                     "flops_per_token": float(model.inference_flops_per_token(cfg.data.seq_len, ratio))})
@@ -232,7 +268,7 @@ def main(argv=None) -> int:
         variants.append({"run": str(run), **describe(vcfg, vmodel, vstep, vtok, corpus, tok, args.files)})
     r = dcfg.model.target_ratio
     out = {
-        "ratio": {"overall": d["ratio_val_windows"], "overall_files": d["ratio_files"],
+        "ratio": {"overall": d["ratio_val_windows"], "overall_files": d["ratio_files"], "modes": d["ratio_modes"],
                   "by_content": d["by_content"], "content_tokens": d["content_tokens"], "target": r,
                   "paper_code": PAPER_TABLE5["code"].get(int(r)) if float(r).is_integer() else None},
         "flops_per_token": {"dlcm": d["flops_per_token"], "decoder": b["flops_per_token"]},
@@ -246,13 +282,17 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"realised tokens/concept (target {r}): {d['ratio_val_windows']:.2f} on the validation windows; by "
           "content " + ", ".join(f"{k} {v:.2f}" for k, v in d["by_content"].items() if v))
+    rm = d["ratio_modes"]
+    print(f"  training-mode (sampled) boundaries: {rm['sampled']:.2f} tokens/concept, threshold {rm['threshold']:.2f}; "
+          f"{rm['sampled_below_threshold']:.0%} of the sampled ones fall at p < {dcfg.model.eval_threshold}")
     print(f"inference FLOPs/token: dlcm {d['flops_per_token'] / 1e6:.2f}M, decoder {b['flops_per_token'] / 1e6:.2f}M "
           f"({d['flops_per_token'] / b['flops_per_token']:.2f}x)")
     print(f"val bits/byte: dlcm {d['val_bpb']:.4f}, decoder {b['val_bpb']:.4f} "
           f"({d['val_bpb'] / b['val_bpb'] - 1:+.1%}) at {dtok} / {btok} training tokens")
     print(f"decode tokens/s (batch 1): dlcm {speed[0]:.1f}, decoder {speed[1]:.1f} ({speed[0] / speed[1]:.2f}x)")
     for v in variants:
-        print(f"variant {v['run']}: R {v['target_ratio']}, {v['cross_weighting']}: ratio {v['ratio_val_windows']:.2f}, "
+        print(f"variant {v['run']}: R {v['target_ratio']}, {v['cross_weighting']}: ratio {v['ratio_val_windows']:.2f} "
+              f"(sampled {v['ratio_modes']['sampled']:.2f}), "
               f"val {v['val_bpb']:.4f} bits/byte, {v['flops_per_token'] / 1e6:.2f}M FLOPs/token")
     return 0
 

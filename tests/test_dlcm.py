@@ -130,6 +130,27 @@ def test_incremental_equals_full_forward_across_boundaries(model, fns):
     assert bnd[:, 1:20].sum(1).min() >= 5 and bnd[:, 20:].sum(1).min() >= 5  # in prefill and step by step
 
 
+def test_concept_path_runs_only_when_a_concept_closes(model, fns):
+    """Decoding from an empty cache one token at a time: the first step closes nothing (position 0) but must
+    write the null concept; a step where no row closes a concept leaves the backbone and cross caches as they
+    were (the concept path is skipped), a step where one closes writes them; the logits equal the full
+    forward's throughout."""
+    fwd, ec = fns
+    x = tokens(B, L, seed=3)
+    full = np.asarray(fwd(x)[0])
+    bnd = boundaries(model, x)
+    cache, outs, runs = model.init_cache(B, MAX_LEN), [], []
+    for t in range(L):
+        before = jax.tree.leaves((concept(cache).backbone, concept(cache).cross))
+        lg, cache = ec(x[:, t:t + 1], cache, [1, 1])
+        outs.append(np.asarray(lg))
+        after = jax.tree.leaves((concept(cache).backbone, concept(cache).cross))
+        runs.append(not all(np.array_equal(a, b) for a, b in zip(before, after)))
+    closes = [t == 0 or bool(bnd[:, t].any()) for t in range(L)]  # t = 0: the empty cache's null concept
+    assert runs == closes and not all(closes)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-4, rtol=0)
+
+
 def test_extend_k_then_commit_n_equals_extend_n(model, fns):
     _, ec = fns
     x = tokens(B, L, seed=4)

@@ -2,6 +2,8 @@
 rate stays flat across three widths under muP (train/loop.py's make_optimizer with the model's groups); the
 standard parametrisation (one AdamW, no output scale) lets them grow with width."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,8 @@ from train.loop import loss_terms, make_optimizer, optimizer_groups
 
 WIDTHS = (32, 64, 128)
 B, L, STEPS = 4, 32, 4
+# XLA:CPU without its expensive LLVM passes: the check runs for milliseconds, its compiles took most of the time
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def coord_sizes(width: int, mup: bool, lr: float = 1e-2):
@@ -22,9 +26,11 @@ def coord_sizes(width: int, mup: bool, lr: float = 1e-2):
     cfg = DLCMConfig(d_model=width, n_heads=width // 16, enc_layers=1, dec_layers=1, d_concept=2 * width,
                      bb_layers=1, bb_heads=width // 16, cross_heads=width // 16, cross_mlp=False, attn_block=16,
                      mup=mup, mup_base_width=32, concept_slack=4)
-    model = DLCMLM(cfg, rngs=nnx.Rngs(0))
-    gdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
+    model = nnx.eval_shape(lambda: DLCMLM(cfg, rngs=nnx.Rngs(0)))  # structure and hooks, no arrays
+    gdef, _ = nnx.split(model, nnx.Param)
+    # one fast compile of the initialisation (eagerly it is hundreds of small ops: ~6 CPU s per width)
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(DLCMLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)),
+                     compiler_options=FAST_COMPILE)()
     tcfg = TrainConfig(steps=100, lr=lr, warmup_steps=1, weight_decay=0.0, grad_clip=1e9)
     tx = make_optimizer(tcfg, model.decay_mask(params), optimizer_groups(model, params))
     x = jnp.asarray(np.random.default_rng(0).integers(0, 64, (B, L + 1)) * 3 % 256, jnp.int32)
@@ -41,7 +47,7 @@ def coord_sizes(width: int, mup: bool, lr: float = 1e-2):
         s, n = loss_terms(logits, x[:, 1:], jnp.ones((B, L)))
         return s / n + aux["loss_parser"]
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def run(params):
         def step(carry, i):
             params, opt = carry

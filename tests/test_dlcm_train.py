@@ -4,15 +4,19 @@ resume (the boundary draws are keyed by the step)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from core.checkpoint import load_model
 from core.config import from_dict
+from core.errors import UserError
+from core.tokenizer import get_tokenizer
 from models.dlcm import DLCMConfig, DLCMLM
 from train.loop import make_optimizer, optimizer_groups, train
 from tests.test_train import _corpus
@@ -51,6 +55,24 @@ def test_mup_groups_scale_lr_and_eps_per_component():
         np.testing.assert_allclose(got, lr * lr0, rtol=1e-4, err_msg=lab)
     nomup = nnx.eval_shape(lambda: DLCMLM(DLCMConfig(**{**cfg.__dict__, "mup": False}), rngs=nnx.Rngs(0)))
     assert optimizer_groups(nomup, params) is None
+
+
+def test_document_separator_follows_the_tokenizer():
+    """model.doc_start_id, when the config leaves it out, is the tokenizer's end-of-document id (byte: 257;
+    a trained bpe:N: N - 2, the layout test_tokenizers pins; a Hugging Face tokenizer: its EOS); a given id
+    that is not it is one UserError naming the valid ones; -1 (no forced document starts) is accepted."""
+    hf = "hf:" + str(Path(__file__).parent / "fixtures" / "hf" / "llama")
+
+    def sep(tokenizer, **kw):
+        raw = {"model": {**DLCM, "vocab_size": 400, **kw}, "data": {"tokenizer": tokenizer}}
+        return from_dict(raw, "t").model.doc_start_id
+
+    assert sep("byte") == 257
+    assert sep("bpe:300") == 298
+    assert sep(hf) == get_tokenizer(hf).eos_id == 1 != get_tokenizer(hf).bos_id
+    assert sep(hf, doc_start_id=-1) == -1 and sep("byte", doc_start_id=257) == 257
+    with pytest.raises(UserError, match=r"doc_start_id 257 is not the document separator .* valid: 1, -1"):
+        sep(hf, doc_start_id=257)
 
 
 def _raw(tmp_path, **train_kw):
