@@ -666,7 +666,7 @@ def run_study(study: Study, *, log=_say) -> dict:
     for r in study.runs:
         for seed, _ in r["cfgs"]:
             plan.append(("extrapolation", f"{r['name']}/s{seed}", 0.0))
-        plan += [(s, r["name"], 0.0) for s in ("info", "concepts", "context", "decode", "speculation")]
+        plan += [(s, r["name"], 0.0) for s in ("concepts", "info", "context", "decode", "speculation")]
     prog = Progress(plan, log)
     idx = iter(range(len(plan)))
     log(f"study {study.name}: {len(study.runs)} runs x {len(study.budget['seeds'])} seeds, "
