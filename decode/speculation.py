@@ -4,7 +4,8 @@ The speculative loop (decode/loops.py) calls the host once per verify step with 
 [emitted tokens (K+1) | count | top-k ids] per row, and gets one int32 array [next inputs (K+1) | draft length
 | live] back (docs/ARCHITECTURE.md, "A speculative decoding step"). On CPU the call is a `buffer_callback`
 (~3 us in isolation, but +0.07-0.16 ms per step inside the loop, measured by scripts/profile_spec.py); a
-separate jitted call per step cost ~0.3 ms of dispatch and sync, as much as a tiny model's whole step. `Host` is that callback for one engine; `SpeculativeRun` is the state of the one request it serves.
+separate jitted call per step cost ~0.3 ms of dispatch and sync, as much as a tiny model's whole step. `Host`
+is that callback for one engine; `SpeculativeRun` is the state of the one request it serves.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import io_callback
 
-try:  # a host callback that writes its result in place: ~3 us a call on CPU (isolated) against ~40 us for io_callback
+try:  # a host callback that writes its result in place: ~3 us a call on CPU (isolated), ~40 us for io_callback
     from jax.experimental.buffer_callback import buffer_callback
 except ImportError:  # older or newer JAX without it
     buffer_callback = None
