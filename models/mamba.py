@@ -68,17 +68,14 @@ def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chun
     n_chunks = -(-l // t)
     pad = n_chunks * t - l
 
-    if inner == "seq" and want_y:
-        def time_major(a):  # (B, L, F) -> (n_chunks, T, B, F); padded steps get dt = 0
-            a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
-            return a.reshape(b, n_chunks, t, a.shape[-1]).transpose(1, 2, 0, 3)
-
-        y, h = _seq_scan(*(time_major(a) for a in (x, delta)), A, *(time_major(a) for a in (Bm, Cm)), h0)
-        return y.transpose(2, 0, 1, 3).reshape(b, n_chunks * t, e)[:, :l], h
-
-    def to_chunks(a):  # (B, L, F) -> (n_chunks, B, T, F); padded steps get dt = 0
+    def to_chunks(a, time_major=False):  # (B, L, F) -> (n_chunks, B, T, F), or (n_chunks, T, B, F); dt = 0 pads
         a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
-        return a.reshape(b, n_chunks, t, a.shape[-1]).swapaxes(0, 1)
+        a = a.reshape(b, n_chunks, t, a.shape[-1])
+        return a.transpose(1, 2, 0, 3) if time_major else a.swapaxes(0, 1)
+
+    if inner == "seq" and want_y:
+        y, h = _seq_scan(*(to_chunks(a, True) for a in (x, delta)), A, *(to_chunks(a, True) for a in (Bm, Cm)), h0)
+        return y.transpose(2, 0, 1, 3).reshape(b, n_chunks * t, e)[:, :l], h
 
     xs = (to_chunks(x), to_chunks(delta), to_chunks(Bm)) + ((to_chunks(Cm),) if want_y else ())
 
@@ -87,8 +84,7 @@ def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chun
         x_c, dt_c, B_c = inp[:3]
         if inner == "seq":  # one step at a time: only (B, E, N) live per step
             def step(h, step_in):
-                x_t, dt_t, B_t = step_in[:3]
-                h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * B_t[:, None, :]
+                h = _ssm_step(h, *step_in[:3], A)
                 return h, (jnp.einsum("ben,bn->be", h, step_in[3]) if want_y else None)
             h, y = jax.lax.scan(step, h_BxExN, tuple(a.swapaxes(0, 1) for a in inp))
             return h, (y.swapaxes(0, 1) if want_y else None)
@@ -103,6 +99,11 @@ def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chun
     if want_y:
         y = y.swapaxes(0, 1).reshape(b, n_chunks * t, e)[:, :l]
     return y, h
+
+
+def _ssm_step(h_BxExN, x_BxE, dt_BxE, B_BxN, A_ExN):
+    """One step of the recurrence (the sequential scans' shared body): exp(dt A) h + (dt x) B."""
+    return jnp.exp(dt_BxE[..., None] * A_ExN) * h_BxExN + (dt_BxE * x_BxE)[..., None] * B_BxN[:, None, :]
 
 
 # ---- the sequential scan with a hand-written backward pass (CPU training) ----------------------------------
@@ -120,9 +121,8 @@ def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chun
 def _seq_scan_fwd(x, dt, A, Bm, Cm, h0):
     def chunk(h, inp):
         def step(h, step_in):
-            x_t, dt_t, B_t, C_t = step_in
-            h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * B_t[:, None, :]
-            return h, jnp.einsum("ben,bn->be", h, C_t)
+            h = _ssm_step(h, *step_in[:3], A)
+            return h, jnp.einsum("ben,bn->be", h, step_in[3])
         h_end, y_c = jax.lax.scan(step, h, inp)
         return h_end, (y_c, h)
 
@@ -139,8 +139,7 @@ def _seq_scan_bwd(res, cts):
         x_c, dt_c, B_c, C_c, dy_c, h0_c = inp
 
         def states(h, step_in):  # the chunk again, keeping the state before each step
-            x_t, dt_t, B_t = step_in
-            return jnp.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * B_t[:, None, :], h
+            return _ssm_step(h, *step_in, A), h
         _, hprev = jax.lax.scan(states, h0_c, (x_c, dt_c, B_c))
 
         def back(carry, step_in):  # g: dL/dh_t from the later steps
