@@ -11,8 +11,14 @@ The engine uses only the model contract (models/contract.py): `init_cache`, `ext
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
+import platform
 import sys
 import time
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
@@ -297,11 +303,9 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
     return VerifyCost(sizes, tuple(iso))
 
 
+@functools.cache
 def _code_hash() -> str:
     """Of the code a step runs: the engine's loops and the models (a changed step is another cost)."""
-    import hashlib
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for f in sorted([*(root / "decode").glob("*.py"), *(root / "models").glob("*.py")]):
@@ -309,10 +313,8 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
+@functools.cache
 def _machine() -> str:
-    import os
-    import platform
-
     cpu = ""
     try:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
@@ -329,9 +331,6 @@ def verify_cost_path(engine: "Engine", batch_size: int):
     ~/.cache/lmarch/jax; None when that is off). The key hashes the model (class, config, parameter
     shapes), the engine's settings, the batch size, the machine (host, CPU, devices, jax version) and the
     code of decode/ and models/."""
-    import hashlib
-    from pathlib import Path
-
     from core.compile_cache import default_dir
 
     base = default_dir()
@@ -342,8 +341,6 @@ def verify_cost_path(engine: "Engine", batch_size: int):
 
 
 def _read_cost(path):
-    import json
-
     from decode.drafters import VerifyCost
 
     if path is None or not path.is_file():
@@ -356,9 +353,6 @@ def _read_cost(path):
 
 
 def _write_cost(path, cost) -> None:
-    import json
-    import os
-
     if path is None:
         return
     try:
