@@ -267,16 +267,14 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: dict, shardings: dic
     restored arrays need no further `device_put` (which, for an array that lives on one process's devices,
     would be a cross-host transfer: unsupported on CPU, slow elsewhere)."""
     check_layout(mngr, step, Path(mngr.directory).parent)
-    sh = shardings or {"params": None, "opt": None, "step": None}
+    params = ocp.args.StandardRestore(_abstract(target["params"], shardings and shardings["params"]))
     if "train_state" not in item_names(mngr, step):  # imported weights (scripts/hf.py): a fresh optimizer
-        out = mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(target["params"], sh["params"]))))
+        out = mngr.restore(step, args=ocp.args.Composite(params=params))
         return {"params": out["params"], "opt": target["opt"], "step": target["step"]}
     rest = {"opt": target["opt"], "step": target["step"]}
+    rest_sh = None if shardings is None else {"opt": shardings["opt"], "step": shardings["step"]}
     out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(target["params"], sh["params"])),
-        train_state=ocp.args.StandardRestore(
-            _abstract(rest, None if shardings is None else {"opt": sh["opt"], "step": sh["step"]}))))
+        params=params, train_state=ocp.args.StandardRestore(_abstract(rest, rest_sh))))
     return {"params": out["params"], **out["train_state"]}
 
 
