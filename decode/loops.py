@@ -29,6 +29,7 @@ from flax import nnx
 
 from decode.request import Knobs
 from decode.sampling import accept, sample
+from models.contract import run_if
 
 
 class DecodeState(NamedTuple):
@@ -152,11 +153,11 @@ class Loops:
 
         def verify(k, s: SpecState):
             def run(carry):
-                cache, _, _, _, _ = carry
+                cache = carry[0]
                 cache, out, counts, topk = self._verify_step(model, cache, s.inputs[:, :k + 1], s.draft_len, s.live,
                                                              keys_Bx2, knobs, observe_k)
                 out = jnp.pad(out, ((0, 0), (0, km - k - 1)), constant_values=self.pad_id)
-                return cache, out, counts, jnp.pad(topk, ((0, 0), (0, km - k - 1), (0, 0))), jnp.zeros((), bool)
+                return cache, out, counts, jnp.pad(topk, ((0, 0), (0, km - k - 1), (0, 0)))
             return run
 
         # One int32 array each way: every callback operand and result costs a conversion (~10-30 us each).
@@ -165,15 +166,14 @@ class Loops:
         def body(s: SpecState):
             size = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(s.draft_len))  # smallest that fits
             size = jnp.minimum(size, len(sizes) - 1)
-            # One while loop of 0 or 1 trips per size, in a chain, not lax.cond or lax.switch: XLA:CPU copies
-            # the cache inside a conditional branch that updates it (the KV writes stop being in place; measured
-            # on decoder_tiny: +0.28 ms per step with one other size, +0.39 ms with three), while a while
-            # loop's carry is updated in place and a loop that does not run costs its predicate only.
+            # One `run_if` (a while loop of 0 or 1 trips) per size, in a chain, not lax.cond or lax.switch:
+            # XLA:CPU copies the cache inside a conditional branch that updates it (the KV writes stop being in
+            # place; measured on decoder_tiny: +0.28 ms per step with one other size, +0.39 ms with three).
             carry = (s.cache, jnp.full((b, km), self.pad_id, jnp.int32), jnp.zeros((b,), jnp.int32),
-                     jnp.zeros((b, km, observe_k), jnp.int32), None)
+                     jnp.zeros((b, km, observe_k), jnp.int32))
             for j, k in enumerate(sizes):
-                carry = jax.lax.while_loop(lambda c: c[4], verify(k, s), carry[:4] + (size == j,))
-            cache, out, counts, topk, _ = carry
+                carry = run_if(size == j, verify(k, s), carry)
+            cache, out, counts, topk = carry
             # [emitted tokens (km) | count | top-k ids (km * observe_k)] per row, see speculation.Host.step
             emitted = jnp.concatenate([out, counts[:, None], topk.reshape(b, -1)], axis=1)
             nxt = self.host_call(host_shape, emitted)

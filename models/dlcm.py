@@ -70,7 +70,7 @@ from flax import nnx
 from models.attention import blocked_cache_attention, masked_attention
 from models.base import LM, StepCtx
 from models.contract import (Cache, ConceptCache, KVCache, attention_flops_per_token, full_positions, round_up,
-                             run_stack)
+                             run_if, run_stack)
 from models.decoder import DecoderConfig, attention_block
 from models.layers import NEG_INF, RMSNorm, SwiGLU, dense, mlp_hidden_default, scatter_rows, scatter_rows_heads_first
 
@@ -613,12 +613,12 @@ class DLCMLM(LM):
         # K/V, the null concept's K/V in slot 0, the replicated counts) runs only when some row closes a
         # concept in this block, or starts empty (the null slot is written at a row's first extend, and slot
         # 0 is never written otherwise). Skipping it changes nothing visible: everything it writes at or past
-        # the new J is garbage (inert), and it writes no slot below J. A 0-or-1-trip while loop, not lax.cond:
-        # XLA:CPU copies caches written inside a conditional branch, a loop's carry is updated in place.
+        # the new J is garbage (inert), and it writes no slot below J. `run_if` (contract.py), not lax.cond, so
+        # the caches are updated in place.
         con = StepCtx(j0, j0[:, None] + ar, n_con)
 
         def concept_path(carry):
-            bb_c, ck, cv, counts, _ = carry
+            bb_c, ck, cv, counts = carry
             zc = self._concepts_in(packed_sum, packed_cnt)
             bb = []
             for blk_m, c in zip(self.bb_blocks, bb_c):  # causal whatever the prefix
@@ -633,11 +633,10 @@ class DLCMLM(LM):
                 # concept r closed in the block was replicated by its own tokens' successors: slot J0 + r
                 # holds the length of concept J0 + r (packed_cnt); slots past the new J are garbage, hence inert
                 counts = scatter_rows(counts, packed_cnt, j0[:, None] + ar)
-            return tuple(bb), ck, cv, counts, jnp.zeros((), bool)
+            return tuple(bb), ck, cv, counts
 
-        run = jnp.any(close) | jnp.any(cache.lengths == 0)
-        bb, ck, cv, counts, _ = jax.lax.while_loop(
-            lambda c: c[-1], concept_path, (tuple(cc.backbone), cc.cross.k, cc.cross.v, cc.counts, run))
+        bb, ck, cv, counts = run_if(jnp.any(close) | jnp.any(cache.lengths == 0), concept_path,
+                                    (tuple(cc.backbone), cc.cross.k, cc.cross.v, cc.counts))
 
         # strict cross-attention: token i sees slots 0 .. J_i (null + closed concepts)
         if cfg.cross_weighting == "replicated":
