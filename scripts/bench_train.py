@@ -3,13 +3,17 @@ side by side with the PyTorch/transformers model of the same shape.
 
     python scripts/bench_train.py configs/decoder_tiny.toml [overrides] --steps 20 --out bench_train.json
     python scripts/bench_train.py configs/decoder_tiny.toml --torch-ref [--torch-python .venv-torch/bin/python]
-        [--rounds 5 --steps 4 --threads 0]
+        [--rounds 5 --steps 4 --threads 0] [--baseline /tmp/base]
 
 Model FLOPs per token come from the model (`model.flops_per_token(seq_len)`, part of the model contract: for
 attention models 6 * (non-embedding params + head) + 12 * layers * seq_len * d_attn, causal attention counted
 in full as in the PaLM appendix). MFU divides achieved model FLOP/s by the device's peak dense bf16
 FLOP/s (known devices, or --peak-tflops); on CPU, where no peak is known, `matmul_frac` divides it by the
 machine's measured fp32 matmul FLOP/s instead (a 1024^3 product, scripts/profile_train.py).
+
+--baseline TREE runs the same config's train step from another checkout (e.g. `git worktree add /tmp/base
+main`) in a worker process, alternated with ours round by round like the torch reference (a code change is
+then measured under the same load, in one run).
 
 --torch-ref runs the reference in the separate torch environment (torch and transformers are not project
 dependencies; see scripts/bench_torch_mamba.py for installing them) as a worker process that this script
@@ -37,7 +41,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# --jax-worker TREE: this file runs the train step of another source tree (--baseline), so that tree's
+# packages must win the imports.
+sys.path.insert(0, sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "--jax-worker" else str(ROOT))
 
 from core.errors import ArgumentParser, UserError, cli  # noqa: E402  (standard library only: runs in the torch venv)
 
@@ -119,14 +125,15 @@ def torch_worker(spec: dict) -> int:
 
 
 class TorchRef:
-    """The reference as a worker process of the torch environment's Python."""
+    """The reference as a worker process (the torch environment's Python, or a baseline tree's train step)."""
 
-    def __init__(self, python: str, spec: dict):
-        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--torch-worker", json.dumps(spec)],
+    def __init__(self, python: str, spec: dict | None = None, *, argv: list | None = None):
+        argv = argv or ["--torch-worker", json.dumps(spec)]
+        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), *argv],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line:
-            raise UserError(f"the torch reference did not start ({python}; it needs torch and transformers)")
+            raise UserError(f"the reference did not start ({python} {argv[0]} {argv[1][:80]})")
         self.info = json.loads(line)
 
     def steps(self, n: int) -> list:
@@ -143,6 +150,41 @@ class TorchRef:
         self.proc.wait(timeout=60)
 
 
+def jax_worker(argv: list) -> int:
+    """The train step of the source tree on sys.path[0] (see --baseline): same protocol as torch_worker."""
+    import jax
+
+    from core import compile_cache
+    from core.config import load_config
+    from scripts.profile_train import setup
+
+    compile_cache.enable(None)
+    cfg = load_config(argv[0], argv[1:])
+    model, trainer, state, toks, pre = setup(cfg)
+    t = time.perf_counter()
+    state, m = trainer.train_step(state, toks, pre)
+    jax.block_until_ready(m)
+    compile_s, first_loss = time.perf_counter() - t, float(m["loss"])
+    for _ in range(3):
+        state, m = trainer.train_step(state, toks, pre)
+    jax.block_until_ready(m)
+    print(json.dumps({"ready": True, "params": int(sum(x.size for x in jax.tree.leaves(state["params"]))),
+                      "impl": f"baseline {sys.path[0]}", "compile_s": compile_s, "first_loss": first_loss}),
+          flush=True)
+    for line in sys.stdin:
+        n = int(line)
+        if n <= 0:
+            break
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            state, m = trainer.train_step(state, toks, pre)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
+        print(json.dumps(times), flush=True)
+    return 0
+
+
 def default_torch_python() -> str | None:
     for p in (os.environ.get("LMARCH_TORCH_PYTHON"), ROOT / ".venv-torch/bin/python",
               ROOT.parent / ".venv-torch/bin/python", Path("/work/.venv-torch/bin/python")):
@@ -156,6 +198,8 @@ def default_torch_python() -> str | None:
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--torch-worker":
         return torch_worker(json.loads(sys.argv[2]))
+    if argv is None and len(sys.argv) > 3 and sys.argv[1] == "--jax-worker":
+        return jax_worker(sys.argv[3:])
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -167,6 +211,7 @@ def main(argv=None) -> int:
                    "$LMARCH_TORCH_PYTHON, else .venv-torch/bin/python)")
     p.add_argument("--rounds", type=int, default=5, help="--torch-ref: alternating rounds")
     p.add_argument("--threads", type=int, default=0, help="--torch-ref: torch threads (0: every core)")
+    p.add_argument("--baseline", default=None, metavar="TREE", help="alternate with this source tree's train step")
     p.add_argument("--compile-cache", default=None, metavar="DIR|off", help="see core/compile_cache.py")
     p.add_argument("--out", default=None)
     args = p.parse_intermixed_args(argv)
@@ -208,28 +253,38 @@ def main(argv=None) -> int:
                         grad_clip=t.grad_clip, threads=args.threads)
             ref = TorchRef(python, spec)
 
+    base = None
+    if args.baseline:
+        if not (Path(args.baseline) / "scripts/profile_train.py").is_file():
+            raise UserError(f"--baseline {args.baseline}: not a source tree of this project (no scripts/profile_train.py)")
+        base = TorchRef(sys.executable, argv=["--jax-worker", str(Path(args.baseline).resolve()), args.config,
+                                              *args.overrides])
+
     model, trainer, state, toks, pre = setup(cfg)
     n_params = count_params(model)
     fpt = float(model.flops_per_token(l))
     t0 = time.perf_counter()
     state, m = trainer.train_step(state, toks, pre)
     jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
+    compile_s, first_loss = time.perf_counter() - t0, float(m["loss"])
     for _ in range(args.warmup):
         state, m = trainer.train_step(state, toks, pre)
     jax.block_until_ready(m)
 
-    ours, theirs = [], []
-    for _ in range(args.rounds if ref else 1):
+    ours, theirs, based = [], [], []
+    for _ in range(args.rounds if ref or base else 1):
         for _ in range(args.steps):
             t = time.perf_counter()
             state, m = trainer.train_step(state, toks, pre)
             jax.block_until_ready(m)
             ours.append(time.perf_counter() - t)
+        if base:
+            based += base.steps(args.steps)
         if ref:
             theirs += ref.steps(args.steps)
-    if ref:
-        ref.close()
+    for w in (ref, base):
+        if w:
+            w.close()
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", str(dev))
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
@@ -249,7 +304,12 @@ def main(argv=None) -> int:
         return r
 
     rows = [row(cfg.name, cfg.model.arch, n_params, ours, "ours (jax)")]
-    rows[0].update(compile_s=compile_s, loss=float(m["loss"]))
+    rows[0].update(compile_s=compile_s, first_loss=first_loss, loss=float(m["loss"]))
+    if base:
+        r = row(cfg.name, cfg.model.arch, base.info["params"], based, base.info["impl"])
+        r.update(compile_s=base.info["compile_s"], first_loss=base.info["first_loss"])
+        rows.append(r)
+        rows[0]["vs_baseline"] = rows[0]["tokens_per_s"] / r["tokens_per_s"]
     if ref:
         r = row(cfg.name, spec["kind"], ref.info["params"], theirs, ref.info["impl"])
         r["threads"] = ref.info["threads"]
@@ -260,15 +320,19 @@ def main(argv=None) -> int:
         rows[0]["vs_torch"] = ratio
     for r in rows:
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
-    if ref:
+    if ref or base:
         print(f"\n| {cfg.name} | params | step ms (median) | tokens/s | model GFLOP/s | of matmul |\n"
               "|---|---:|---:|---:|---:|---:|")
         for r in rows:
             frac = f"{100 * r['matmul_frac']:.0f}%" if r["matmul_frac"] else "-"
             print(f"| {r['impl']} | {r['params']:,} | {r['step_ms_median']:.0f} | {r['tokens_per_s']:,.0f} | "
                   f"{r['model_tflops_per_s'] * 1e3:.1f} | {frac} |")
-        print(f"ours / reference tokens/s: {ratio:.2f}x ({len(ours)} + {len(theirs)} steps in {args.rounds} "
-              f"alternating rounds)")
+        if base:
+            print(f"ours / baseline tokens/s: {rows[0]['vs_baseline']:.2f}x (first step's loss {rows[0]['first_loss']:.7f} vs "
+                  f"{rows[1]['first_loss']:.7f}; compile {rows[0]['compile_s']:.1f} s vs {rows[1]['compile_s']:.1f} s)")
+        if ref:
+            print(f"ours / reference tokens/s: {ratio:.2f}x ({len(ours)} + {len(theirs)} steps in {args.rounds} "
+                  f"alternating rounds)")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
