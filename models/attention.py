@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.contract import KVCache, RingCache, attention_flops_per_token, key_visible, round_up
-from models.layers import NEG_INF, Projection, dense, rope, scatter_rows, scatter_rows_heads_first
+from models.layers import (NEG_INF, Projection, dense, rope, scatter_rows, scatter_rows_heads_first,
+                           split_heads)
 
 
 # ---- dense attention with an explicit mask (full forward) ------------------------------------------------
@@ -258,8 +259,9 @@ class Attention(nnx.Module):
         y = self.qkv_proj(x_BxLxD)  # [B, L, G, R + 2, hd]
         if self.qkv_bias is not None:
             y = y + self.qkv_bias[...].astype(y.dtype).reshape(y.shape[-3:])
-        q = y[:, :, :, :self.r].reshape(b, l, self.n_heads, self.head_dim)
-        k, v = y[:, :, :, self.r], y[:, :, :, self.r + 1]
+        q, k, v = split_heads(y, (self.r, 1, 1), 3)
+        q = q.reshape(b, l, self.n_heads, self.head_dim)
+        k, v = k[:, :, :, 0], v[:, :, :, 0]
         sc = self.rope_scaling
         return rope(q, pos_BxL, self.rope_base, sc), rope(k, pos_BxL, self.rope_base, sc), v
 

@@ -31,7 +31,7 @@ from flax import nnx
 
 from models.contract import (Cache, decay_mask, dense_flops_per_token, full_positions, run_stack,
                              step_positions)
-from models.layers import RMSNorm, dense, dtype_of
+from models.layers import RMSNorm, dense, dtype_of, tied_logits
 
 
 class StepCtx(NamedTuple):
@@ -116,8 +116,7 @@ class LM(nnx.Module):
     def _logits(self, x):
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
-            w = self.embed.embedding[...].astype(self.dtype)
-            return jnp.einsum("bld,vd->blv", x, w, preferred_element_type=jnp.float32)
+            return tied_logits(x, self.embed.embedding[...].astype(self.dtype))
         return self.head(x).astype(jnp.float32)
 
     @property

@@ -24,11 +24,75 @@ def dtype_of(name: str):
 
 
 def dense(d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs, dtype, param_dtype,
-          scale: float = 1.0) -> nnx.Linear:
-    """Bias-free projection with fan-in init, optionally scaled (residual outputs use 1/sqrt(2*blocks))."""
-    init = nnx.initializers.variance_scaling(scale ** 2, "fan_in", "truncated_normal")
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                      kernel_init=nnx.with_partitioning(init, axes))
+          scale: float = 1.0) -> Projection:
+    """Bias-free projection with fan-in init, optionally scaled (residual outputs use 1/sqrt(2*blocks)).
+    The parameter tree, initial values and RNG draws are nnx.Linear's (one `kernel` [d_in, d_out]), so
+    checkpoints and the Hugging Face import are unchanged; the product is `tokens_matmul`'s."""
+    return Projection(d_in, (d_out,), axes, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scale=scale)
+
+
+def tokens_matmul(x, w_DxN):
+    """x[..., D] @ w[D, N] as ONE 2-D product over the flattened tokens [prod(...), D].
+
+    XLA:CPU otherwise keeps the batched [B, L, D] operand: the weight gradient then contracts over two
+    dimensions (B and L) and the forward output is relaid out before the next op (copy fusions around each
+    product in the profile). Flattened, the forward, the input gradient and the weight gradient are each one
+    plain GEMM on contiguous operands. Same products and sums: equal to the 3-D dot to fp32 rounding."""
+    y = jnp.reshape(x, (-1, x.shape[-1])) @ w_DxN
+    return jnp.reshape(y, (*x.shape[:-1], w_DxN.shape[1]))
+
+
+def tied_logits(x_BxLxD, embed_VxD):
+    """x @ embed^T (the tied head) as one 2-D product over the flattened tokens, fp32 logits."""
+    b, l, d = x_BxLxD.shape
+    y = jax.lax.dot_general(jnp.reshape(x_BxLxD, (b * l, d)), embed_VxD, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return jnp.reshape(y, (b, l, embed_VxD.shape[0]))
+
+
+def _split(y, sizes, axis):
+    out, a = [], 0
+    for n in sizes:
+        out.append(jax.lax.slice_in_dim(y, a, a + n, axis=axis))
+        a += n
+    return tuple(out)
+
+
+def _split_fwd(y, sizes, axis):
+    return _split(y, sizes, axis), None
+
+
+def _split_bwd(sizes, axis, _, cts):
+    return (jnp.concatenate(cts, axis=axis),)
+
+
+split_heads = jax.custom_vjp(_split, nondiff_argnums=(1, 2))
+split_heads.__doc__ = """Consecutive slices of `y` of `sizes` along `axis` (fused q/k/v); the backward pass concatenates the
+slices' cotangents into one array, where JAX's derivative of each slice pads it to y's shape and adds the pads."""
+split_heads.defvjp(_split_fwd, _split_bwd)
+
+
+def _silu_mul(gu_Nx2xH):
+    g, u = gu_Nx2xH[..., 0, :], gu_Nx2xH[..., 1, :]
+    return g * jax.nn.sigmoid(g) * u
+
+
+def _silu_mul_fwd(gu):
+    return _silu_mul(gu), gu
+
+
+def _silu_mul_bwd(gu, dh):
+    # d/dg [g s(g) u] = u s (1 + g (1 - s)), d/du = g s: one sigmoid, and the two cotangents written straight
+    # into the fused [.., 2, H] layout of the gate/up product (no pads, no add).
+    g, u = gu[..., 0, :], gu[..., 1, :]
+    s = jax.nn.sigmoid(g)
+    gs = g * s
+    return (jnp.stack([dh * u * (s + gs * (1 - s)), dh * gs], axis=-2),)
+
+
+silu_mul = jax.custom_vjp(_silu_mul)
+silu_mul.__doc__ = "SwiGLU's silu(g) * u of the fused gate/up product gu[..., 2, H] (g = gu[..., 0, :])."
+silu_mul.defvjp(_silu_mul_fwd, _silu_mul_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -102,7 +166,7 @@ class Projection(nnx.Module):
 
     def __call__(self, x):
         w = self.kernel[...].astype(self.dtype)
-        y = x.astype(self.dtype) @ w.reshape(w.shape[0], -1)  # a bitcast: one plain matmul
+        y = tokens_matmul(x.astype(self.dtype), w.reshape(w.shape[0], -1))  # the reshape is a bitcast
         return y.reshape(*x.shape[:-1], *self.out_shape)
 
 
@@ -115,8 +179,7 @@ class SwiGLU(nnx.Module):
         self.down = dense(hidden, d_model, ("mlp", "embed"), scale=out_scale, **kw)
 
     def __call__(self, x):
-        gu = self.gate_up(x)
-        return self.down(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :])
+        return self.down(silu_mul(self.gate_up(x)))
 
 
 def mlp_hidden_default(d_model: int) -> int:

@@ -84,3 +84,55 @@ def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
     assert first.stdout.split()[0] == str(tmp_path / "jc")
     assert first.stdout.split()[-1] == "0" and int(second.stdout.split()[-1]) >= 1, (first.stdout, second.stdout)
     assert any(p.name.endswith("-cache") for p in (tmp_path / "jc").iterdir())
+
+
+# ---- the faster layers equal their plain definitions, values and gradients ------------------------------------
+def _vjp(fn, *args, seed=7):
+    """(value, gradient of sum(value * random cotangent)) of fn at args."""
+    out, pull = jax.vjp(fn, *args)
+    leaves, tree = jax.tree.flatten(out)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    ct = jax.tree.unflatten(tree, [jax.random.normal(k, o.shape, o.dtype) for k, o in zip(keys, leaves)])
+    return out, pull(ct)
+
+
+def test_split_heads_backward_is_the_cotangents_in_place():
+    from models.layers import split_heads
+
+    y = jax.random.normal(jax.random.key(0), (2, 3, 2, 5, 4))
+    got = _vjp(lambda y: list(split_heads(y, (3, 1, 1), 3)), y)
+    want = _vjp(lambda y: [y[:, :, :, :3], y[:, :, :, 3:4], y[:, :, :, 4:]], y)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_silu_mul_value_and_gradient_equal_swiglus_definition():
+    from models.layers import silu_mul
+
+    gu = 3 * jax.random.normal(jax.random.key(1), (4, 6, 2, 16))
+    got = _vjp(silu_mul, gu)
+    want = _vjp(lambda gu: jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], gu)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, e, atol=1e-6, rtol=1e-5)
+
+
+def test_dense_keeps_nnx_linears_parameters_and_computes_x_at_w():
+    """Checkpoints and the HF import rely on the names and the init; the product is a plain x @ W."""
+    from flax import nnx
+
+    from models.layers import dense
+
+    ours = dense(12, 20, ("embed", "mlp"), rngs=nnx.Rngs(3), dtype=jnp.float32, param_dtype=jnp.float32, scale=0.5)
+    init = nnx.initializers.variance_scaling(0.25, "fan_in", "truncated_normal")
+    lin = nnx.Linear(12, 20, use_bias=False, rngs=nnx.Rngs(3), kernel_init=init)
+    a, b = nnx.to_pure_dict(nnx.state(ours, nnx.Param)), nnx.to_pure_dict(nnx.state(lin, nnx.Param))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    np.testing.assert_array_equal(a["kernel"], b["kernel"])
+    x = jax.random.normal(jax.random.key(2), (3, 5, 12))
+    w = a["kernel"]
+    graph = nnx.split(ours, nnx.Param)[0]
+    y, (dx, dw) = _vjp(lambda x, w: nnx.merge(graph, {"kernel": w})(x), x, w)
+    y_ref, (dx_ref, dw_ref) = _vjp(lambda x, w: jnp.einsum("bld,dn->bln", x, w), x, w)
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64), atol=1e-5, rtol=1e-5)
+    for a, e in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+        np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
