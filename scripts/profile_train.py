@@ -222,11 +222,10 @@ def setup(cfg, seed: int = 0):
     import numpy as np
 
     from core.mesh import batch_sharding, make_mesh
-    from models.registry import build_model
-    from train.loop import build_trainer
+    from train.loop import build_trainer, init_model
 
     mesh = make_mesh(cfg.mesh)
-    model = build_model(cfg.model, seed=seed)
+    model = init_model(cfg.model, seed=seed)
     trainer, params = build_trainer(cfg, model, mesh)
     state = trainer.init_state(params)
     b, l = cfg.data.batch_size, cfg.data.seq_len

@@ -200,6 +200,21 @@ class Trainer:
                 "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
 
 
+def init_model(model_cfg, *, seed: int = 0):
+    """`build_model(model_cfg, seed)` with its initialisation compiled as ONE program (the module structure
+    comes from an abstract `nnx.eval_shape` build). Built eagerly, every initialiser op of every layer is
+    dispatched, and on a cold start compiled, one at a time: the largest part of the time to the first step
+    of the tiny configs; as one program it is one compilation, and a hit in the persistent compilation cache
+    on a warm start. Same RNG streams and draws; XLA may fuse the initialisers' arithmetic differently, so
+    values can differ from the eager ones by an ulp (a resumed run restores its parameters, so resume stays
+    bit-identical)."""
+    def build():
+        return build_model(model_cfg, seed=seed)
+
+    graphdef, _ = nnx.split(nnx.eval_shape(build))
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
+
+
 def build_trainer(cfg: Config, model, mesh) -> tuple[Trainer, dict]:
     """The run's Trainer (its jitted steps built) and the model's parameters as a pure dict: the optimizer of
     `make_optimizer` with the model's decay mask and its own `optimizer_groups` (DLCM's muP groups), the parameter
@@ -311,7 +326,7 @@ def _train(cfg: Config, run_dir: Path, *, log, stop) -> dict:
                        n_batches=cfg.train.eval_batches)
     get_batch(corpus.train, seed=0, step=0, batch_size=1, seq_len=cfg.data.seq_len)  # size check
 
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    model = init_model(cfg.model, seed=cfg.train.seed)
     n_params = count_params(model)
     trainer, params = build_trainer(cfg, model, mesh)
     state_sh = trainer.state_shardings()
