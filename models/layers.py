@@ -141,10 +141,29 @@ def rope(x_BxLxHxD, pos_BxL, base: float = 10000.0, scaling: tuple = ()):
     ang_BxLxF = pos_BxL.astype(jnp.float32)[..., None] * inv_freq
     cos = jnp.cos(ang_BxLxF)[:, :, None, :]
     sin = jnp.sin(ang_BxLxF)[:, :, None, :]
-    x = x_BxLxHxD.astype(jnp.float32)
+    return rotate_half(x_BxLxHxD.astype(jnp.float32), cos, sin).astype(x_BxLxHxD.dtype)
+
+
+def _rotate_half(x, cos, sin):
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxLxHxD.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _rotate_half_fwd(x, cos, sin):
+    return _rotate_half(x, cos, sin), (cos, sin)
+
+
+def _rotate_half_bwd(res, dy):
+    # The rotation's transpose is the rotation by -angle: one fusion, where JAX's derivative slices the
+    # cotangent, multiplies, pads each half back and adds. Angles come from integer positions: no gradient.
+    cos, sin = res
+    return _rotate_half(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+rotate_half = jax.custom_vjp(_rotate_half)
+rotate_half.__doc__ = "RoPE's rotation of the half-split pairs (x1, x2) of x[..., D] by the angles of cos/sin [..., D/2]."
+rotate_half.defvjp(_rotate_half_fwd, _rotate_half_bwd)
 
 
 class Projection(nnx.Module):
