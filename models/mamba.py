@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.contract import MambaCache
-from models.layers import dense
+from models.layers import dense, split_heads
 
 
 def acc_dtype(dtype):
@@ -256,11 +256,11 @@ class Mamba(nnx.Module):
         """Returns the output, the final state and the per-token scan inputs needed to replay the state."""
         e, n, r = self.d_inner, self.d_state, self.dt_rank
         xz = self.in_proj(u_BxKxD)
-        xraw_BxKxE, z_BxKxE = xz[..., :e], xz[..., e:]
+        xraw_BxKxE, z_BxKxE = split_heads(xz, (e, e), xz.ndim - 1)
         xc_BxKxE = jax.nn.silu(causal_conv(window_BxWxE, xraw_BxKxE, self.conv_kernel[...], self.conv_bias[...]))
         proj = self.x_proj(xc_BxKxE.astype(self.dtype))
         acc = xc_BxKxE.dtype
-        delta_BxKxR, B_BxKxN, C_BxKxN = proj[..., :r], proj[..., r:r + n], proj[..., r + n:]
+        delta_BxKxR, B_BxKxN, C_BxKxN = split_heads(proj, (r, n, n), proj.ndim - 1)
         dt_BxKxE = jax.nn.softplus(self.dt_proj(delta_BxKxR.astype(acc)).astype(acc))
         B_BxKxN, C_BxKxN = B_BxKxN.astype(acc), C_BxKxN.astype(acc)
         y_BxKxE, h = selective_scan(xc_BxKxE, dt_BxKxE, self._A(), B_BxKxN, C_BxKxN, h0_BxExN,
