@@ -13,7 +13,8 @@ machine's measured fp32 matmul FLOP/s instead (a 1024^3 product, scripts/profile
 
 --baseline TREE runs the same config's train step from another checkout (e.g. `git worktree add /tmp/base
 main`) in a worker process, alternated with ours round by round like the torch reference (a code change is
-then measured under the same load, in one run).
+then measured under the same load, in one run). --baseline-config CONFIG makes that worker (of --baseline, or
+of this tree) train another config: two architectures' tokens/s side by side.
 
 --torch-ref runs the reference in the separate torch environment (torch and transformers are not project
 dependencies; see scripts/bench_torch_mamba.py for installing them) as a worker process that this script
@@ -169,7 +170,9 @@ def jax_worker(argv: list) -> int:
         state, m = trainer.train_step(state, toks, pre)
     jax.block_until_ready(m)
     print(json.dumps({"ready": True, "params": int(sum(x.size for x in jax.tree.leaves(state["params"]))),
-                      "impl": f"baseline {sys.path[0]}", "compile_s": compile_s, "first_loss": first_loss}),
+                      "impl": f"{cfg.name} ({sys.path[0]})", "compile_s": compile_s, "config": cfg.name,
+                      "tokens": cfg.data.batch_size * cfg.data.seq_len, "flops_per_token": float(model.flops_per_token(
+                          cfg.data.seq_len)), "first_loss": first_loss}),
           flush=True)
     for line in sys.stdin:
         n = int(line)
@@ -212,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="--torch-ref: alternating rounds")
     p.add_argument("--threads", type=int, default=0, help="--torch-ref: torch threads (0: every core)")
     p.add_argument("--baseline", default=None, metavar="TREE", help="alternate with this source tree's train step")
+    p.add_argument("--baseline-config", default=None, metavar="CONFIG",
+                   help="the baseline worker trains this config instead (e.g. samba vs decoder tokens/s in one run)")
     p.add_argument("--compile-cache", default=None, metavar="DIR|off", help="see core/compile_cache.py")
     p.add_argument("--out", default=None)
     args = p.parse_intermixed_args(argv)
@@ -254,11 +259,14 @@ def main(argv=None) -> int:
             ref = TorchRef(python, spec)
 
     base = None
-    if args.baseline:
-        if not (Path(args.baseline) / "scripts/profile_train.py").is_file():
-            raise UserError(f"--baseline {args.baseline}: not a source tree of this project (no scripts/profile_train.py)")
-        base = TorchRef(sys.executable, argv=["--jax-worker", str(Path(args.baseline).resolve()), args.config,
-                                              *args.overrides])
+    if args.baseline or args.baseline_config:
+        tree = Path(args.baseline or ROOT)
+        if not (tree / "scripts/profile_train.py").is_file():
+            raise UserError(f"--baseline {tree}: not a source tree of this project (no scripts/profile_train.py)")
+        if args.baseline_config and not Path(args.baseline_config).is_file():
+            raise UserError(f"--baseline-config {args.baseline_config}: no such file")
+        worker_cfg = [args.baseline_config] if args.baseline_config else [args.config, *args.overrides]
+        base = TorchRef(sys.executable, argv=["--jax-worker", str(tree.resolve()), *worker_cfg])
 
     model, trainer, state, toks, pre = setup(cfg)
     n_params = count_params(model)
@@ -293,20 +301,21 @@ def main(argv=None) -> int:
         from scripts.profile_train import matmul_flops_per_s
         matmul = matmul_flops_per_s()
 
-    def row(name, arch, params, times, impl):
+    def row(name, arch, params, times, impl, tokens=b * l, flops=fpt):
         step_s = statistics.median(times)
-        tps = b * l / step_s
-        r = {"config": cfg.name, "impl": impl, "arch": arch, "params": int(params), "device": kind,
+        tps = tokens / step_s
+        r = {"config": name, "impl": impl, "arch": arch, "params": int(params), "device": kind,
              "devices": mesh.size, "dtype": cfg.model.dtype, "batch": b, "seq_len": l, "steps": len(times),
-             "step_ms_median": step_s * 1e3, "tokens_per_s": tps, "model_tflops_per_s": tps * fpt / 1e12,
-             "mfu": (tps * fpt) / (peak * 1e12 * mesh.size) if peak else None,
-             "matmul_frac": tps * fpt / matmul if matmul else None}
+             "step_ms_median": step_s * 1e3, "tokens_per_s": tps, "model_tflops_per_s": tps * flops / 1e12,
+             "mfu": (tps * flops) / (peak * 1e12 * mesh.size) if peak else None,
+             "matmul_frac": tps * flops / matmul if matmul else None}
         return r
 
     rows = [row(cfg.name, cfg.model.arch, n_params, ours, "ours (jax)")]
     rows[0].update(compile_s=compile_s, first_loss=first_loss, loss=float(m["loss"]))
     if base:
-        r = row(cfg.name, cfg.model.arch, base.info["params"], based, base.info["impl"])
+        r = row(base.info["config"], "", base.info["params"], based, base.info["impl"], base.info["tokens"],
+                base.info["flops_per_token"])
         r.update(compile_s=base.info["compile_s"], first_loss=base.info["first_loss"])
         rows.append(r)
         rows[0]["vs_baseline"] = rows[0]["tokens_per_s"] / r["tokens_per_s"]
