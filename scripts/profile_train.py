@@ -45,6 +45,11 @@ GROUPS = ("matmul (params)", "mlp elementwise", "attention", "rope / norm", "los
 # Walking the op's stack from the innermost frame out, the first frame matching (file suffix, qualified
 # function name prefix) decides its group ("" matches any function of the file).
 RULES = (
+    ("models/layers.py", "tokens_matmul", "matmul (params)"),
+    ("models/layers.py", "tied_logits", "matmul (params)"),
+    ("models/layers.py", "_silu_mul", "mlp elementwise"),
+    ("models/layers.py", "_split", "mlp elementwise"),
+    ("models/layers.py", "_rotate_half", "rope / norm"),
     ("models/layers.py", "rope", "rope / norm"),
     ("models/layers.py", "RMSNorm", "rope / norm"),
     ("models/layers.py", "Projection", "matmul (params)"),
