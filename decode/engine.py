@@ -55,12 +55,14 @@ class Engine:
     takes effect only where the model `supports_prefix` (`prefix_prompt` then says what the engine does, and
     `prefix_unsupported` that it was asked for in vain: such a model was trained causally anyway).
     `traces` counts how often each jitted function was traced (= compiled).
+    `max_stretch`: when no row drafts, the speculative loop runs up to this many plain steps in a row without
+    calling the host (1, 2, 4, ... while nothing drafts); 0 or 1: one plain step per host call.
     """
 
     def __init__(self, model, *, max_len: int, bos_id: int | None = None, pad_id: int = 0,
                  stop_ids: Sequence[int] = (), prefix_prompt: bool = False,
                  verify_sizes: Sequence[int] = VERIFY_SIZES, observe_k: int = 8, min_bucket: int = 16,
-                 max_stop_ids: int = 8, mesh=None):
+                 max_stop_ids: int = 8, mesh=None, max_stretch: int = 16):
         self.verify_sizes = tuple(sorted(set(int(k) for k in verify_sizes)))
         if not self.verify_sizes or self.verify_sizes[0] < 0 or self.verify_sizes[-1] < 1:
             raise UserError(f"verify_sizes must be integers >= 0, one of them positive; got {tuple(verify_sizes)}")
@@ -71,6 +73,9 @@ class Engine:
         self.prefix_unsupported = bool(prefix_prompt) and not model.supports_prefix
         self.prefix_prompt = bool(prefix_prompt) and not self.prefix_unsupported
         self.observe_k = min(int(observe_k), self.vocab_size)
+        if int(max_stretch) < 0:
+            raise UserError(f"max_stretch must be >= 0; got {max_stretch}")
+        self.max_stretch = int(max_stretch)
         graphdef, state = nnx.split(model)
         # Hand the jitted functions a flat list of arrays, not the nnx.State: flattening the State's Variable
         # nodes in Python on every call cost ~1.4 ms per verify step (more than a tiny model's forward).
@@ -83,15 +88,15 @@ class Engine:
 
             self.params = jax.device_put(self.params, state_shardings(state, mesh))
         # serves one speculative request at a time (on a mesh, from its first device)
-        self._host = Host(self.verify_sizes[-1], None if mesh is None else mesh.devices.flat[0])
+        self._host = Host(self.verify_sizes[-1], None if mesh is None else mesh.devices.flat[0], self.max_stretch)
         self._loops = Loops(graphdef, params_def, max_len=self.max_len, pad_id=self.pad_id,
                             verify_sizes=self.verify_sizes, prefix_prompt=self.prefix_prompt,
-                            host_call=self._host.call)
+                            host_call=self._host.call, max_stretch=self.max_stretch)
         self._verify_cost: dict = {}  # batch size -> VerifyCost, measured once (verify_cost)
         # what the cost of a step depends on besides the machine and the code (verify_cost_path)
         self._cost_key = repr((type(model).__module__, type(model).__qualname__, getattr(model, "cfg", None),
                                [(tuple(x.shape), str(x.dtype)) for x in self.params], self.max_len,
-                               self.verify_sizes, self.prefix_prompt, mesh is not None and mesh.shape))
+                               self.verify_sizes, self.prefix_prompt, mesh is not None and mesh.shape, self.max_stretch))
 
     # The limits, as attributes of the engine (tests and the CLIs read them).
     max_len = property(lambda self: self.limits.max_len)
@@ -169,7 +174,8 @@ class Engine:
 
     # ---- speculative decoding ----------------------------------------------------------------------
     def generate_speculative(self, prompts, drafters, *, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
-                             seed=0, stop_ids=None, batch_size=None, on_tokens=None) -> Result:
+                             seed=0, stop_ids=None, batch_size=None, on_tokens=None,
+                             max_stretch: int | None = None) -> Result:
         """Speculative decoding with one drafter per prompt (decode.drafters: reset/draft/accept, and
         observe for drafters whose `observes` is true).
 
@@ -179,7 +185,9 @@ class Engine:
         target distribution (see decode.sampling.accept). The steps run in one jitted loop that calls the
         host between steps, so an Engine serves one speculative request at a time. `on_tokens(row, ids)`,
         if given, receives each row's new tokens as they become final (the first from prefill, then every
-        verify step, from inside the loop's host callback): streaming.
+        verify step, from inside the loop's host callback): streaming. When no row drafts, the loop runs a
+        plain stretch (see Engine's `max_stretch`; `max_stretch` here caps it for this request, no recompile);
+        each stretch token counts as one step of its row, and `verify_calls` counts host calls.
         """
         req = self._prepare(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_ids=stop_ids, batch_size=batch_size)
@@ -201,9 +209,11 @@ class Engine:
                              vocab_size=self.vocab_size, observe_k=observe_k, first=first, n0=n0, done0=done0,
                              prompt_topk=topk_BxSxk, on_tokens=on_tokens)
         inputs, draft_len, live = run.drafts()
+        stretch = self.max_stretch if max_stretch is None else min(int(max_stretch), self.max_stretch)
         with self._host.serving(run):
-            final = self._loops.speculate(self.params, cache, inputs, draft_len, live, np.int32(req.max_new_B.max()),
-                                          req.keys_Bx2, req.knobs, observe_k=observe_k)
+            final = self._loops.speculate(self.params, cache, inputs, draft_len, live, run.room(),
+                                          np.int32(req.max_new_B.max()), np.int32(stretch), req.stop_S, req.keys_Bx2,
+                                          req.knobs, observe_k=observe_k)
             jax.block_until_ready(final)
         if run.error is not None:
             raise run.error
@@ -290,7 +300,9 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
 
     def run(k, n):
         d = [_FixedDraft(k) for _ in prompts]
-        engine.generate_speculative(prompts, d, max_new_tokens=n + kmax + 1, stop_ids=(), batch_size=batch_size)
+        # size 0 without plain stretches: one plain step per host call, at the same positions as the others
+        engine.generate_speculative(prompts, d, max_new_tokens=n + kmax + 1, stop_ids=(), batch_size=batch_size,
+                                    max_stretch=1)
         return np.diff(d[0].stamps[:n + 1])  # steps whose drafts were not yet cut by the budget
 
     for r in range(rounds + 1):
