@@ -65,11 +65,12 @@ def verify_table(name: str, engine: Engine, rounds: int) -> dict:
 
 
 def make_maker(variant: str, engine, cost, max_draft: int, sam):
-    from decode.drafters import make_drafter
+    from decode.drafters import Acceptance, make_drafter
 
     name, _, rule = variant.partition(":")
+    history = Acceptance()  # sam's acceptance estimates, kept across the prompts and repeats of a variant
     return lambda: make_drafter(name, vocab_size=engine.vocab_size, static_sam=sam, cost=cost, max_len=max_draft,
-                                rule=rule or "cost")
+                                history=history, rule=rule or "cost")
 
 
 def bench_run(run_dir: str, items: list, variants: list, args) -> tuple[dict, list]:

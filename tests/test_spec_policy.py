@@ -66,6 +66,36 @@ def test_acceptance_is_learnt_online_and_stops_drafts_that_keep_failing():
     assert a.rate(0, 3) > 0.95 and a.rate(0, 4) == Acceptance.prior(0, 4)
 
 
+def test_acceptance_history_carries_across_requests_of_one_maker():
+    """Drafters made with one `history` start a request from what earlier requests learnt (bounded), and a
+    drafter without one starts from the prior."""
+    cost = VerifyCost((0, 1, 2, 4), (1.0, 1.3, 1.4, 1.6))
+    hist = Acceptance()
+    p = short_match_prompt()
+    first = make_drafter("sam", vocab_size=V, cost=cost, history=hist)
+    first.reset(p)
+    prior = first.acceptance.rate(0, 2)
+    for _ in range(30):  # every draft rejected at its first token
+        if len(first.draft(4)):
+            first.accept(np.array([77], np.int32))
+        first.dynamic.reset(p)
+    assert first.acceptance.rate(0, 2) <= prior / 2
+    for _ in range(100):  # a long history of failures elsewhere
+        hist.record(0, 2, 4, 0)
+    second = make_drafter("sam", vocab_size=V, cost=cost, history=hist)
+    second.reset(p)
+    learnt = second.acceptance.rate(0, 2)
+    assert learnt <= prior / 2 and second.draft(4).shape == (0,)  # the new request knows short matches fail
+    assert second.acceptance.rate(0, 5) == Acceptance.prior(0, 5)  # other buckets: the prior
+    # bounded: however long the history, this request's own evidence moves the estimate
+    for _ in range(4):
+        second.acceptance.record(0, 2, 4, 4)
+    assert second.acceptance.rate(0, 2) > learnt + 0.2
+    fresh = make_drafter("sam", vocab_size=V, cost=cost)
+    fresh.reset(p)
+    assert fresh.acceptance.rate(0, 2) == prior
+
+
 def test_sam_is_never_behind_pld_on_a_repeat_it_can_see():
     """Where pld drafts from a short n-gram, sam (cost rule, cheap verify) drafts the same continuation."""
     rng = np.random.default_rng(0)
