@@ -32,13 +32,23 @@ from decode.speculation import Host, SpeculativeRun, observing
 
 VERIFY_SIZES = (0, 1, 2, 4, 8, 16)  # 0: no draft this step, a plain step inside the loop
 
-__all__ = ["Engine", "Result", "VERIFY_SIZES", "engine_for_run", "default_max_draft", "verify_sizes_for"]
+__all__ = ["Engine", "Result", "VERIFY_SIZES", "engine_for_run", "default_max_draft", "verify_sizes_for",
+           "spec_default_options"]
 
 
 def default_max_draft() -> int:
     """Measured on the 26M decoder, 2-core CPU: max draft 4 gave 2.5x (sam) against 1.4x with 8, because a
     K=8 verify costs ~3.5 plain steps there; on an H100 a K=16 verify costs about one plain step."""
     return 4 if jax.default_backend() == "cpu" else 16
+
+
+def spec_default_options() -> dict:
+    """XLA options for the speculative loop. On CPU, YNNPACK fusion off: XLA:CPU 0.10 turns every 2-17 row
+    product of a verify step into a `ynn_fusion` gemm that costs ~4x the one-row gemv of a plain step
+    (decoder_s0, scripts/profile_spec.py --ops); with it off the same loop ran 20-25% less CPU time per step at
+    every verify size (0.71 -> 0.57 ms at 1+1, 0.78 -> 0.60 ms at 1+4, interleaved in one process, load ~7).
+    Only the speculative loop is compiled so; prefill and the plain loop keep XLA's defaults."""
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
 def verify_sizes_for(max_draft: int) -> tuple:
@@ -57,12 +67,14 @@ class Engine:
     `traces` counts how often each jitted function was traced (= compiled).
     `max_stretch`: when no row drafts, the speculative loop runs up to this many plain steps in a row without
     calling the host (1, 2, 4, ... while nothing drafts); 0 or 1: one plain step per host call.
+    `spec_compiler_options`: XLA options for the speculative loop's compile only (None: `spec_default_options`).
     """
 
     def __init__(self, model, *, max_len: int, bos_id: int | None = None, pad_id: int = 0,
                  stop_ids: Sequence[int] = (), prefix_prompt: bool = False,
                  verify_sizes: Sequence[int] = VERIFY_SIZES, observe_k: int = 8, min_bucket: int = 16,
-                 max_stop_ids: int = 8, mesh=None, max_stretch: int = 16):
+                 max_stop_ids: int = 8, mesh=None, max_stretch: int = 16,
+                 spec_compiler_options: dict | None = None):
         self.verify_sizes = tuple(sorted(set(int(k) for k in verify_sizes)))
         if not self.verify_sizes or self.verify_sizes[0] < 0 or self.verify_sizes[-1] < 1:
             raise UserError(f"verify_sizes must be integers >= 0, one of them positive; got {tuple(verify_sizes)}")
@@ -91,12 +103,15 @@ class Engine:
         self._host = Host(self.verify_sizes[-1], None if mesh is None else mesh.devices.flat[0], self.max_stretch)
         self._loops = Loops(graphdef, params_def, max_len=self.max_len, pad_id=self.pad_id,
                             verify_sizes=self.verify_sizes, prefix_prompt=self.prefix_prompt,
-                            host_call=self._host.call, max_stretch=self.max_stretch)
+                            host_call=self._host.call, max_stretch=self.max_stretch,
+                            spec_compiler_options=(spec_default_options() if spec_compiler_options is None
+                                                   else spec_compiler_options))
         self._verify_cost: dict = {}  # batch size -> VerifyCost, measured once (verify_cost)
         # what the cost of a step depends on besides the machine and the code (verify_cost_path)
         self._cost_key = repr((type(model).__module__, type(model).__qualname__, getattr(model, "cfg", None),
                                [(tuple(x.shape), str(x.dtype)) for x in self.params], self.max_len,
-                               self.verify_sizes, self.prefix_prompt, mesh is not None and mesh.shape, self.max_stretch))
+                               self.verify_sizes, self.prefix_prompt, mesh is not None and mesh.shape, self.max_stretch,
+                               sorted(self._loops.spec_options.items())))
 
     # The limits, as attributes of the engine (tests and the CLIs read them).
     max_len = property(lambda self: self.limits.max_len)

@@ -68,9 +68,11 @@ class Loops:
     """
 
     def __init__(self, graphdef, params_def, *, max_len: int, pad_id: int, verify_sizes: tuple,
-                 prefix_prompt: bool, host_call: Callable, max_stretch: int = 16):
+                 prefix_prompt: bool, host_call: Callable, max_stretch: int = 16,
+                 spec_compiler_options: dict | None = None):
         self.graphdef, self.params_def = graphdef, params_def
         self.max_stretch = max(int(max_stretch), 1)
+        self.spec_options = dict(spec_compiler_options or {})
         self.max_len, self.pad_id = int(max_len), int(pad_id)
         self.verify_sizes = tuple(verify_sizes)
         self.prefix_prompt = bool(prefix_prompt)
@@ -78,7 +80,8 @@ class Loops:
         self.traces: collections.Counter = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("observe_k",))
         self.generate = jax.jit(self._generate, donate_argnums=(1,))
-        self.speculate = jax.jit(self._speculate, static_argnames=("observe_k",), donate_argnums=(1,))
+        self.speculate = jax.jit(self._speculate, static_argnames=("observe_k",), donate_argnums=(1,),
+                                 compiler_options=self.spec_options or None)
 
     def _model(self, params):
         # A flat list of arrays, not the nnx.State (see Engine.__init__: flattening the State's Variable nodes
