@@ -78,6 +78,57 @@ class VerifyCost:
         return {int(k): float(c) / float(self.cost[0]) for k, c in zip(self.sizes, self.cost)}
 
 
+class ObservedCost:
+    """A measured VerifyCost corrected by the step times the engine observes while it serves requests
+    (`observe(size, seconds)`, fed by the speculative loop's host: the CPU time between consecutive host
+    calls of a verify step at that size, or of a one-step undrafted iteration for size 0). Each size's cost
+    is its base cost scaled by the load factor seen so far (the geometric mean of observed / base over the
+    observed sizes, so sizes that are rarely seen follow the machine's current speed), blended with its own
+    running mean at `weight` pseudo-observations for the base. Never decreasing in size. Duck-types
+    VerifyCost (`sizes`, `cost`, `of`, `max_size`, `relative`)."""
+
+    def __init__(self, base: VerifyCost, weight: float = 16.0, memory: int = 64):
+        self.base, self.w, self.memory = base, float(weight), int(memory)
+        self.sizes = base.sizes
+        self.mean = np.zeros(len(self.sizes))
+        self.n = np.zeros(len(self.sizes))
+        self._cost: tuple | None = None
+
+    def observe(self, size: int, seconds: float) -> None:
+        if size not in self.sizes or not seconds > 0:
+            return
+        i = self.sizes.index(size)
+        self.n[i] = min(self.n[i] + 1, self.memory)  # a running mean that forgets beyond `memory` steps
+        self.mean[i] += (seconds - self.mean[i]) / self.n[i]
+        self._cost = None
+
+    @property
+    def cost(self) -> tuple:
+        if self._cost is None:
+            base = np.asarray(self.base.cost, np.float64)
+            seen = self.n > 0
+            load = float(np.exp(np.average(np.log(self.mean[seen] / base[seen]), weights=self.n[seen]))) \
+                if seen.any() else 1.0
+            c = (self.w * base * load + self.n * self.mean) / (self.w + self.n)
+            self._cost = tuple(float(min(c[i:])) for i in range(len(c)))
+        return self._cost
+
+    @property
+    def max_size(self) -> int:
+        return int(self.sizes[-1])
+
+    def of(self, n: int) -> float:
+        cost = self.cost
+        for k, c in zip(self.sizes, cost):
+            if k >= n:
+                return c
+        return cost[-1]
+
+    def relative(self) -> dict:
+        cost = self.cost
+        return {int(k): c / cost[0] for k, c in zip(self.sizes, cost)}
+
+
 class Acceptance:
     """Per-token acceptance rate of each (source, match length) seen in this request, with a prior.
 

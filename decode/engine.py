@@ -107,6 +107,7 @@ class Engine:
                             spec_compiler_options=(spec_default_options() if spec_compiler_options is None
                                                    else spec_compiler_options))
         self._verify_cost: dict = {}  # batch size -> VerifyCost, measured once (verify_cost)
+        self._observed: dict = {}  # batch size -> ObservedCost, corrected by every request (observed_cost)
         # what the cost of a step depends on besides the machine and the code (verify_cost_path)
         self._cost_key = repr((type(model).__module__, type(model).__qualname__, getattr(model, "cfg", None),
                                [(tuple(x.shape), str(x.dtype)) for x in self.params], self.max_len,
@@ -222,7 +223,8 @@ class Engine:
         t0 = time.perf_counter()
         run = SpeculativeRun(req, drafters, max_verify=self.verify_sizes[-1], pad_id=self.pad_id,
                              vocab_size=self.vocab_size, observe_k=observe_k, first=first, n0=n0, done0=done0,
-                             prompt_topk=topk_BxSxk, on_tokens=on_tokens)
+                             prompt_topk=topk_BxSxk, on_tokens=on_tokens,
+                             observed_cost=self._observed.get(len(req.prompts)), sizes=self.verify_sizes)
         inputs, draft_len, live = run.drafts()
         stretch = self.max_stretch if max_stretch is None else min(int(max_stretch), self.max_stretch)
         with self._host.serving(run):
@@ -252,6 +254,15 @@ class Engine:
             _write_cost(path, cost)
         self._verify_cost[batch_size] = cost
         return cost
+
+    def observed_cost(self, batch_size: int = 1):
+        """`verify_cost(batch_size)` as an ObservedCost that every later speculative request at this batch size
+        corrects with the step times it sees (the table the CLIs hand to sam's cost rule)."""
+        if batch_size not in self._observed:
+            from decode.drafters import ObservedCost
+
+            self._observed[batch_size] = ObservedCost(self.verify_cost(batch_size))
+        return self._observed[batch_size]
 
     # ---- compile ahead of timing -------------------------------------------------------------------
     def warmup(self, batch_size: int, prompt_len: int, *, speculative: bool = False,

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
         engine.warmup(bs, longest, speculative=bool(observe), observe=observe)
     # The verify cost per size on this machine, measured once: the "cost" rule sizes sam's drafts by it.
-    cost = engine.verify_cost(bs) if any(d.startswith("sam") for d in drafters) else None
+    cost = engine.observed_cost(bs) if any(d.startswith("sam") for d in drafters) else None
     makers = {}
     for name in drafters:  # one acceptance history per drafter, kept across prompts and repeats
         makers[name] = lambda name=name, h=Acceptance(): make_drafter(  # noqa: E731

@@ -92,8 +92,11 @@ class SpeculativeRun:
     """
 
     def __init__(self, req: Request, drafters, *, max_verify: int, pad_id: int, vocab_size: int, observe_k: int,
-                 first, n0, done0, prompt_topk, on_tokens=None):
+                 first, n0, done0, prompt_topk, on_tokens=None, observed_cost=None, sizes=()):
         self.req, self.drafters, self.observe_k = req, drafters, observe_k
+        # an ObservedCost (decode.drafters) fed with the CPU time of each verify step at its size
+        self.observed_cost, self.sizes = observed_cost, tuple(sizes)
+        self._t = None
         self.on_tokens = on_tokens  # on_tokens(row, new ids) as rows emit (streaming); its errors end the run
         self.stops_arr = np.asarray(sorted(int(s) for s in req.stop_S if s >= 0), np.int64)
         # Only drafters that declare `observes` get the top-k ids (observe_k is 0 when none does).
@@ -155,7 +158,19 @@ class SpeculativeRun:
             self.error = e
             return self.inputs.copy(), self.draft_len.copy(), np.zeros_like(self.live)
 
+    def _observe_cost(self, steps_B):
+        """The CPU time since the last host call is the cost of the iteration that just ran: a verify at the
+        smallest size holding the longest draft, or (one step, no draft) a plain step."""
+        t = time.process_time()
+        if self._t is not None and self.observed_cost is not None and self.sizes:
+            longest = int(self.draft_len[self.live].max()) if self.live.any() else 0
+            if longest or int(steps_B.max()) == 1:
+                size = next((k for k in self.sizes if k >= longest), self.sizes[-1])
+                self.observed_cost.observe(size, t - self._t)
+        self._t = t
+
     def _emit(self, out_BxW, counts_B, steps_B, topk_BxWxO):
+        self._observe_cost(steps_B)
         self.calls += 1
         td = time.perf_counter()
         max_new = self.req.max_new_B

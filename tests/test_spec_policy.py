@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from decode.drafters import Acceptance, SAMDrafter, VerifyCost, best_length, make_drafter
+from decode.drafters import Acceptance, ObservedCost, SAMDrafter, VerifyCost, best_length, make_drafter
 
 V = 259
 CHEAP = VerifyCost((0, 1, 2, 4), (1.0, 1.1, 1.2, 1.4))  # verifying is almost free (an accelerator)
@@ -94,6 +94,25 @@ def test_acceptance_history_carries_across_requests_of_one_maker():
     fresh = make_drafter("sam", vocab_size=V, cost=cost)
     fresh.reset(p)
     assert fresh.acceptance.rate(0, 2) == prior
+
+
+def test_observed_cost_follows_the_machine_and_keeps_the_ratios_it_has_not_seen():
+    base = VerifyCost((0, 1, 4), (1.0, 2.0, 3.0))
+    c = ObservedCost(base)
+    assert c.cost == base.cost and c.of(3) == 3.0 and c.max_size == 4
+    for _ in range(200):  # the machine is twice as slow as at warm-up (only size 4 is seen)
+        c.observe(4, 6.0)
+    assert c.cost == pytest.approx((2.0, 4.0, 6.0))  # unseen sizes scaled by the same load
+    assert c.relative() == pytest.approx({0: 1.0, 1: 2.0, 4: 3.0})
+    for _ in range(200):  # size 1 turns out cheap: its own mean outweighs the base
+        c.observe(1, 2.0)
+    assert c.of(1) < 3.0 and c.of(1) <= c.of(4) and c.of(0) <= c.of(1)
+    c.observe(2, 1.0)  # not a compiled size: ignored
+    for _ in range(200):  # a spike at size 1 above size 4 is noise: never more than a larger size
+        c.observe(1, 50.0)
+    assert c.of(1) == c.of(4)
+    # the cost rule reads it like a VerifyCost
+    assert best_length(0.9, 10, 4, c)[0] in (0, 1, 2, 3, 4)
 
 
 def test_sam_is_never_behind_pld_on_a_repeat_it_can_see():

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from core.tokenizer import get_tokenizer
-from decode.drafters import Drafter
+from decode.drafters import Drafter, ObservedCost, VerifyCost
 from decode.engine import Engine
 from models.decoder import DecoderConfig, DecoderLM
 from models.registry import MODELS
@@ -138,3 +138,20 @@ def test_every_architecture_alternating_stretches_and_drafts_equals_plain(arch):
     spec = eng.generate_speculative(ps, ds, max_new_tokens=30, stop_ids=(), batch_size=2)
     assert [t.tolist() for t in spec.tokens] == [t.tolist() for t in plain.tokens]
     assert spec.mat > 1.0
+
+
+def test_the_engine_corrects_its_cost_table_from_the_steps_it_serves(engine):
+    ps = prompts(7, seed=2)
+    ref = engine.generate(ps, max_new_tokens=50, stop_ids=()).tokens
+    observed = engine._observed[1] = ObservedCost(VerifyCost((0, 1, 4), (1e-3, 2e-3, 3e-3)))
+    try:
+        d = Scripted(ref[0], on={3, 4})
+        res = engine.generate_speculative(ps, [d], max_new_tokens=50, stop_ids=())
+        assert res.tokens[0].tolist() == ref[0].tolist()
+        assert engine.observed_cost(1) is observed
+        # two verify steps of size 4; one-step undrafted iterations (after the drafts, and the last) at size 0;
+        # the longer stretches are no plain step's cost and are not counted
+        assert observed.n.tolist() == [2, 0, 2]
+        assert observed.mean[0] > 0 and observed.mean[2] > 0
+    finally:
+        del engine._observed[1]
