@@ -120,7 +120,7 @@ def drafter_factory(args, engine, cfg, tok, batch_size: int):
     """A zero-argument maker of fresh drafters for --drafter (None for plain decoding)."""
     from pathlib import Path
 
-    from decode.drafters import DRAFTERS, make_drafter
+    from decode.drafters import DRAFTERS, Acceptance, make_drafter
 
     if args.drafter == "none":
         return None
@@ -133,9 +133,10 @@ def drafter_factory(args, engine, cfg, tok, batch_size: int):
             from decode.eval import static_automaton
 
             sam = static_automaton(sam_dir, cfg, tok)
-    cost = engine.verify_cost(batch_size) if args.drafter.startswith("sam") and args.rule == "cost" else None
+    cost = engine.observed_cost(batch_size) if args.drafter.startswith("sam") and args.rule == "cost" else None
+    history = Acceptance()  # sam's acceptance estimates, kept across the prompts of this run
     return lambda: make_drafter(args.drafter, vocab_size=engine.vocab_size, static_sam=sam, cost=cost,
-                                max_len=args.max_draft, rule=args.rule)
+                                history=history, max_len=args.max_draft, rule=args.rule)
 
 
 @cli

@@ -78,6 +78,57 @@ class VerifyCost:
         return {int(k): float(c) / float(self.cost[0]) for k, c in zip(self.sizes, self.cost)}
 
 
+class ObservedCost:
+    """A measured VerifyCost corrected by the step times the engine observes while it serves requests
+    (`observe(size, seconds)`, fed by the speculative loop's host: the CPU time between consecutive host
+    calls of a verify step at that size, or of a one-step undrafted iteration for size 0). Each size's cost
+    is its base cost scaled by the load factor seen so far (the geometric mean of observed / base over the
+    observed sizes, so sizes that are rarely seen follow the machine's current speed), blended with its own
+    running mean at `weight` pseudo-observations for the base. Never decreasing in size. Duck-types
+    VerifyCost (`sizes`, `cost`, `of`, `max_size`, `relative`)."""
+
+    def __init__(self, base: VerifyCost, weight: float = 16.0, memory: int = 64):
+        self.base, self.w, self.memory = base, float(weight), int(memory)
+        self.sizes = base.sizes
+        self.mean = np.zeros(len(self.sizes))
+        self.n = np.zeros(len(self.sizes))
+        self._cost: tuple | None = None
+
+    def observe(self, size: int, seconds: float) -> None:
+        if size not in self.sizes or not seconds > 0:
+            return
+        i = self.sizes.index(size)
+        self.n[i] = min(self.n[i] + 1, self.memory)  # a running mean that forgets beyond `memory` steps
+        self.mean[i] += (seconds - self.mean[i]) / self.n[i]
+        self._cost = None
+
+    @property
+    def cost(self) -> tuple:
+        if self._cost is None:
+            base = np.asarray(self.base.cost, np.float64)
+            seen = self.n > 0
+            load = float(np.exp(np.average(np.log(self.mean[seen] / base[seen]), weights=self.n[seen]))) \
+                if seen.any() else 1.0
+            c = (self.w * base * load + self.n * self.mean) / (self.w + self.n)
+            self._cost = tuple(float(min(c[i:])) for i in range(len(c)))
+        return self._cost
+
+    @property
+    def max_size(self) -> int:
+        return int(self.sizes[-1])
+
+    def of(self, n: int) -> float:
+        cost = self.cost
+        for k, c in zip(self.sizes, cost):
+            if k >= n:
+                return c
+        return cost[-1]
+
+    def relative(self) -> dict:
+        cost = self.cost
+        return {int(k): c / cost[0] for k, c in zip(self.sizes, cost)}
+
+
 class Acceptance:
     """Per-token acceptance rate of each (source, match length) seen in this request, with a prior.
 
@@ -85,12 +136,19 @@ class Acceptance:
     expectation (each token is accepted only after all before it). `record(source, length, n, accepted)`
     updates the counts: `accepted` successes and one failure unless the whole draft was accepted. The prior
     (`prior_weight` pseudo-observations at `prior(source, length)`) decides until the request has spoken.
+    `history`, an Acceptance shared by the drafters of one maker (`make_drafter(history=)`), carries what
+    earlier requests learnt: every record goes to it too, and its counts as they were when this request
+    began (`reset`), scaled down to at most `history_weight` observations per bucket, stand in front of this
+    request's own.
     """
 
-    def __init__(self, prior_weight: float = 2.0):
+    def __init__(self, prior_weight: float = 2.0, history: "Acceptance | None" = None, history_weight: float = 8.0):
         self.w = float(prior_weight)
+        self.history, self.hw = history, float(history_weight)
         self.hit = np.zeros((len(SOURCES), _LEN_BUCKETS + 1))
         self.miss = np.zeros((len(SOURCES), _LEN_BUCKETS + 1))
+        self._earlier = None  # the history's counts when this request began (its own records excluded)
+        self.reset()
 
     @staticmethod
     def bucket(length: int) -> int:
@@ -106,16 +164,26 @@ class Acceptance:
     def rate(self, source: int, length: int) -> float:
         b = self.bucket(length)
         p = self.prior(source, length)
-        return (self.hit[source, b] + self.w * p) / (self.hit[source, b] + self.miss[source, b] + self.w)
+        hit, n = self.hit[source, b], self.hit[source, b] + self.miss[source, b]
+        if self._earlier is not None:
+            h_hit, h_n = self._earlier[0][source, b], self._earlier[0][source, b] + self._earlier[1][source, b]
+            if h_n > 0:
+                scale = min(1.0, self.hw / h_n)
+                hit, n = hit + scale * h_hit, n + scale * h_n
+        return (hit + self.w * p) / (n + self.w)
 
     def record(self, source: int, length: int, n: int, accepted: int) -> None:
         b = self.bucket(length)
         self.hit[source, b] += accepted
         self.miss[source, b] += accepted < n
+        if self.history is not None:
+            self.history.record(source, length, n, accepted)
 
     def reset(self) -> None:
         self.hit[:] = 0
         self.miss[:] = 0
+        if self.history is not None:
+            self._earlier = (self.history.hit.copy(), self.history.miss.copy())
 
 
 def best_length(rate: float, available: int, k: int, cost: VerifyCost) -> tuple[int, float]:
@@ -365,14 +433,14 @@ class SAMDrafter(Drafter):
     MAX_RECENT = 32  # longest suffix searched for its most recent occurrence (the scan costs O(context * g))
 
     def __init__(self, static_sam: SuffixAutomaton | None = None, policy: DraftPolicy | None = None,
-                 aux: Drafter | None = None, cost: VerifyCost | None = None):
+                 aux: Drafter | None = None, cost: VerifyCost | None = None, history: Acceptance | None = None):
         super().__init__(policy)
         self.static = static_sam
         self.static_cursor: Cursor | None = static_sam.cursor() if static_sam is not None else None
         self.dynamic = DynamicMatcher()
         self.aux = aux
         self.cost = cost or VerifyCost.default()
-        self.acceptance = Acceptance()
+        self.acceptance = Acceptance(history=history)
         self._last = None  # (source index, match length, drafted tokens) of the last draft, for `accept`
 
     @property
@@ -481,10 +549,11 @@ DRAFTERS = ("none", "pld", "recycle", "sam", "sam+recycle")
 
 
 def make_drafter(name: str, *, vocab_size: int, static_sam: SuffixAutomaton | None = None,
-                 cost: VerifyCost | None = None, **policy) -> Drafter:
+                 cost: VerifyCost | None = None, history: Acceptance | None = None, **policy) -> Drafter:
     """A fresh per-row drafter. `policy` overrides DraftPolicy fields (e.g. alpha=4, max_len=40 on an
     accelerator; rule="paper" for SAM-Decoding's published selection). `cost` is the engine's measured
-    verify cost table (Engine.verify_cost()) that sam's "cost" rule sizes drafts by."""
+    verify cost table (Engine.verify_cost()) that sam's "cost" rule sizes drafts by; `history`, one
+    Acceptance shared by every drafter a maker makes, keeps sam's acceptance estimates across requests."""
     fields = {f.name for f in dataclasses.fields(DraftPolicy)}
     unknown = sorted(set(policy) - fields)
     if unknown:
@@ -497,7 +566,7 @@ def make_drafter(name: str, *, vocab_size: int, static_sam: SuffixAutomaton | No
     if name == "recycle":
         return RecycleDrafter(vocab_size, pol)
     if name == "sam":
-        return SAMDrafter(static_sam, pol, cost=cost)
+        return SAMDrafter(static_sam, pol, cost=cost, history=history)
     if name == "sam+recycle":
-        return SAMDrafter(static_sam, pol, aux=RecycleDrafter(vocab_size, pol), cost=cost)
+        return SAMDrafter(static_sam, pol, aux=RecycleDrafter(vocab_size, pol), cost=cost, history=history)
     raise ValueError(f"unknown drafter {name!r}; valid: {', '.join(DRAFTERS)}")

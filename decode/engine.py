@@ -32,13 +32,23 @@ from decode.speculation import Host, SpeculativeRun, observing
 
 VERIFY_SIZES = (0, 1, 2, 4, 8, 16)  # 0: no draft this step, a plain step inside the loop
 
-__all__ = ["Engine", "Result", "VERIFY_SIZES", "engine_for_run", "default_max_draft", "verify_sizes_for"]
+__all__ = ["Engine", "Result", "VERIFY_SIZES", "engine_for_run", "default_max_draft", "verify_sizes_for",
+           "spec_default_options"]
 
 
 def default_max_draft() -> int:
     """Measured on the 26M decoder, 2-core CPU: max draft 4 gave 2.5x (sam) against 1.4x with 8, because a
     K=8 verify costs ~3.5 plain steps there; on an H100 a K=16 verify costs about one plain step."""
     return 4 if jax.default_backend() == "cpu" else 16
+
+
+def spec_default_options() -> dict:
+    """XLA options for the speculative loop. On CPU, YNNPACK fusion off: XLA:CPU 0.10 turns every 2-17 row
+    product of a verify step into a `ynn_fusion` gemm that costs ~4x the one-row gemv of a plain step
+    (decoder_s0, scripts/profile_spec.py --ops); with it off the same loop ran 20-25% less CPU time per step at
+    every verify size (0.71 -> 0.57 ms at 1+1, 0.78 -> 0.60 ms at 1+4, interleaved in one process, load ~7).
+    Only the speculative loop is compiled so; prefill and the plain loop keep XLA's defaults."""
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
 def verify_sizes_for(max_draft: int) -> tuple:
@@ -55,12 +65,16 @@ class Engine:
     takes effect only where the model `supports_prefix` (`prefix_prompt` then says what the engine does, and
     `prefix_unsupported` that it was asked for in vain: such a model was trained causally anyway).
     `traces` counts how often each jitted function was traced (= compiled).
+    `max_stretch`: when no row drafts, the speculative loop runs up to this many plain steps in a row without
+    calling the host (1, 2, 4, ... while nothing drafts); 0 or 1: one plain step per host call.
+    `spec_compiler_options`: XLA options for the speculative loop's compile only (None: `spec_default_options`).
     """
 
     def __init__(self, model, *, max_len: int, bos_id: int | None = None, pad_id: int = 0,
                  stop_ids: Sequence[int] = (), prefix_prompt: bool = False,
                  verify_sizes: Sequence[int] = VERIFY_SIZES, observe_k: int = 8, min_bucket: int = 16,
-                 max_stop_ids: int = 8, mesh=None):
+                 max_stop_ids: int = 8, mesh=None, max_stretch: int = 16,
+                 spec_compiler_options: dict | None = None):
         self.verify_sizes = tuple(sorted(set(int(k) for k in verify_sizes)))
         if not self.verify_sizes or self.verify_sizes[0] < 0 or self.verify_sizes[-1] < 1:
             raise UserError(f"verify_sizes must be integers >= 0, one of them positive; got {tuple(verify_sizes)}")
@@ -71,6 +85,9 @@ class Engine:
         self.prefix_unsupported = bool(prefix_prompt) and not model.supports_prefix
         self.prefix_prompt = bool(prefix_prompt) and not self.prefix_unsupported
         self.observe_k = min(int(observe_k), self.vocab_size)
+        if int(max_stretch) < 0:
+            raise UserError(f"max_stretch must be >= 0; got {max_stretch}")
+        self.max_stretch = int(max_stretch)
         graphdef, state = nnx.split(model)
         # Hand the jitted functions a flat list of arrays, not the nnx.State: flattening the State's Variable
         # nodes in Python on every call cost ~1.4 ms per verify step (more than a tiny model's forward).
@@ -83,15 +100,19 @@ class Engine:
 
             self.params = jax.device_put(self.params, state_shardings(state, mesh))
         # serves one speculative request at a time (on a mesh, from its first device)
-        self._host = Host(self.verify_sizes[-1], None if mesh is None else mesh.devices.flat[0])
+        self._host = Host(self.verify_sizes[-1], None if mesh is None else mesh.devices.flat[0], self.max_stretch)
         self._loops = Loops(graphdef, params_def, max_len=self.max_len, pad_id=self.pad_id,
                             verify_sizes=self.verify_sizes, prefix_prompt=self.prefix_prompt,
-                            host_call=self._host.call)
+                            host_call=self._host.call, max_stretch=self.max_stretch,
+                            spec_compiler_options=(spec_default_options() if spec_compiler_options is None
+                                                   else spec_compiler_options))
         self._verify_cost: dict = {}  # batch size -> VerifyCost, measured once (verify_cost)
+        self._observed: dict = {}  # batch size -> ObservedCost, corrected by every request (observed_cost)
         # what the cost of a step depends on besides the machine and the code (verify_cost_path)
         self._cost_key = repr((type(model).__module__, type(model).__qualname__, getattr(model, "cfg", None),
                                [(tuple(x.shape), str(x.dtype)) for x in self.params], self.max_len,
-                               self.verify_sizes, self.prefix_prompt, mesh is not None and mesh.shape))
+                               self.verify_sizes, self.prefix_prompt, mesh is not None and mesh.shape, self.max_stretch,
+                               sorted(self._loops.spec_options.items())))
 
     # The limits, as attributes of the engine (tests and the CLIs read them).
     max_len = property(lambda self: self.limits.max_len)
@@ -169,7 +190,8 @@ class Engine:
 
     # ---- speculative decoding ----------------------------------------------------------------------
     def generate_speculative(self, prompts, drafters, *, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
-                             seed=0, stop_ids=None, batch_size=None, on_tokens=None) -> Result:
+                             seed=0, stop_ids=None, batch_size=None, on_tokens=None,
+                             max_stretch: int | None = None) -> Result:
         """Speculative decoding with one drafter per prompt (decode.drafters: reset/draft/accept, and
         observe for drafters whose `observes` is true).
 
@@ -179,7 +201,9 @@ class Engine:
         target distribution (see decode.sampling.accept). The steps run in one jitted loop that calls the
         host between steps, so an Engine serves one speculative request at a time. `on_tokens(row, ids)`,
         if given, receives each row's new tokens as they become final (the first from prefill, then every
-        verify step, from inside the loop's host callback): streaming.
+        verify step, from inside the loop's host callback): streaming. When no row drafts, the loop runs a
+        plain stretch (see Engine's `max_stretch`; `max_stretch` here caps it for this request, no recompile);
+        each stretch token counts as one step of its row, and `verify_calls` counts host calls.
         """
         req = self._prepare(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_ids=stop_ids, batch_size=batch_size)
@@ -199,11 +223,14 @@ class Engine:
         t0 = time.perf_counter()
         run = SpeculativeRun(req, drafters, max_verify=self.verify_sizes[-1], pad_id=self.pad_id,
                              vocab_size=self.vocab_size, observe_k=observe_k, first=first, n0=n0, done0=done0,
-                             prompt_topk=topk_BxSxk, on_tokens=on_tokens)
+                             prompt_topk=topk_BxSxk, on_tokens=on_tokens,
+                             observed_cost=self._observed.get(len(req.prompts)), sizes=self.verify_sizes)
         inputs, draft_len, live = run.drafts()
+        stretch = self.max_stretch if max_stretch is None else min(int(max_stretch), self.max_stretch)
         with self._host.serving(run):
-            final = self._loops.speculate(self.params, cache, inputs, draft_len, live, np.int32(req.max_new_B.max()),
-                                          req.keys_Bx2, req.knobs, observe_k=observe_k)
+            final = self._loops.speculate(self.params, cache, inputs, draft_len, live, run.room(),
+                                          np.int32(req.max_new_B.max()), np.int32(stretch), req.stop_S, req.keys_Bx2,
+                                          req.knobs, observe_k=observe_k)
             jax.block_until_ready(final)
         if run.error is not None:
             raise run.error
@@ -227,6 +254,15 @@ class Engine:
             _write_cost(path, cost)
         self._verify_cost[batch_size] = cost
         return cost
+
+    def observed_cost(self, batch_size: int = 1):
+        """`verify_cost(batch_size)` as an ObservedCost that every later speculative request at this batch size
+        corrects with the step times it sees (the table the CLIs hand to sam's cost rule)."""
+        if batch_size not in self._observed:
+            from decode.drafters import ObservedCost
+
+            self._observed[batch_size] = ObservedCost(self.verify_cost(batch_size))
+        return self._observed[batch_size]
 
     # ---- compile ahead of timing -------------------------------------------------------------------
     def warmup(self, batch_size: int, prompt_len: int, *, speculative: bool = False,
@@ -290,7 +326,9 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
 
     def run(k, n):
         d = [_FixedDraft(k) for _ in prompts]
-        engine.generate_speculative(prompts, d, max_new_tokens=n + kmax + 1, stop_ids=(), batch_size=batch_size)
+        # size 0 without plain stretches: one plain step per host call, at the same positions as the others
+        engine.generate_speculative(prompts, d, max_new_tokens=n + kmax + 1, stop_ids=(), batch_size=batch_size,
+                                    max_stretch=1)
         return np.diff(d[0].stamps[:n + 1])  # steps whose drafts were not yet cut by the budget
 
     for r in range(rounds + 1):

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                     "per measured verify cost (default), or SAM-Decoding's published l_bias/l_threshold selection")
     args = ap.parse_args(argv)
 
-    from decode.drafters import DRAFTERS, DraftPolicy, make_drafter
+    from decode.drafters import DRAFTERS, Acceptance, DraftPolicy, make_drafter
     from decode.engine import engine_for_run, prefix_note
     from decode.prompts import encode_all, read_prompts
     from core import compile_cache
@@ -159,11 +159,11 @@ def main(argv=None) -> int:
     for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
         engine.warmup(bs, longest, speculative=bool(observe), observe=observe)
     # The verify cost per size on this machine, measured once: the "cost" rule sizes sam's drafts by it.
-    cost = engine.verify_cost(bs) if any(d.startswith("sam") for d in drafters) else None
+    cost = engine.observed_cost(bs) if any(d.startswith("sam") for d in drafters) else None
     makers = {}
-    for name in drafters:
-        makers[name] = lambda name=name: make_drafter(  # noqa: E731
-            name, vocab_size=engine.vocab_size, static_sam=sam, cost=cost, max_len=max_draft,
+    for name in drafters:  # one acceptance history per drafter, kept across prompts and repeats
+        makers[name] = lambda name=name, h=Acceptance(): make_drafter(  # noqa: E731
+            name, vocab_size=engine.vocab_size, static_sam=sam, cost=cost, history=h, max_len=max_draft,
             min_len=min(max_draft, DraftPolicy().min_len), rule=args.rule)
     for name in drafters:
         if name != "none":

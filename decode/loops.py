@@ -15,7 +15,8 @@ contract"); nothing here looks inside the cache except `cache.lengths`.
 - Speculative decoding is one jitted `lax.while_loop` too, over a `SpecState`. Each iteration verifies
   [pending, draft...] with extend + acceptance + commit, at the smallest verify size that holds the longest
   draft (a 0-or-1-trip loop per size, so one compile covers them all), then calls the host once with the emitted
-  tokens (decode/speculation.py): the host updates the drafters and returns the next drafts.
+  tokens (decode/speculation.py): the host updates the drafters and returns the next drafts. When no row
+  drafts, the iteration is a plain stretch of 1, 2, 4, ... steps without the host (see `_speculate`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class SpecState(NamedTuple):
     inputs: jax.Array  # [B, max verify size + 1]: the pending token, then the draft
     draft_len: jax.Array  # [B] real draft tokens in inputs[:, 1:]
     live: jax.Array  # [B] rows still generating
-    step: jax.Array  # [] verify steps run so far
+    room: jax.Array  # [B] tokens each row may still emit (a plain stretch stops a row there)
+    stretch: jax.Array  # [] plain steps the next undrafted iteration runs (1, doubling while nothing drafts)
+    step: jax.Array  # [] loop iterations (= host calls) run so far
 
 
 class Loops:
@@ -60,11 +63,16 @@ class Loops:
 
     `traces` counts how often each was traced (= compiled). `host_call(shape, emitted)` is the speculative
     loop's host callback (decode.speculation.Host.call): one int32 array in, one int32 array of `shape` out.
+    `max_stretch` is the longest plain stretch the speculative loop may run between host calls (static: it
+    sizes the emitted array; a request may ask for less, see `_speculate`).
     """
 
     def __init__(self, graphdef, params_def, *, max_len: int, pad_id: int, verify_sizes: tuple,
-                 prefix_prompt: bool, host_call: Callable):
+                 prefix_prompt: bool, host_call: Callable, max_stretch: int = 16,
+                 spec_compiler_options: dict | None = None):
         self.graphdef, self.params_def = graphdef, params_def
+        self.max_stretch = max(int(max_stretch), 1)
+        self.spec_options = dict(spec_compiler_options or {})
         self.max_len, self.pad_id = int(max_len), int(pad_id)
         self.verify_sizes = tuple(verify_sizes)
         self.prefix_prompt = bool(prefix_prompt)
@@ -72,7 +80,8 @@ class Loops:
         self.traces: collections.Counter = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("observe_k",))
         self.generate = jax.jit(self._generate, donate_argnums=(1,))
-        self.speculate = jax.jit(self._speculate, static_argnames=("observe_k",), donate_argnums=(1,))
+        self.speculate = jax.jit(self._speculate, static_argnames=("observe_k",), donate_argnums=(1,),
+                                 compiler_options=self.spec_options or None)
 
     def _model(self, params):
         # A flat list of arrays, not the nnx.State (see Engine.__init__: flattening the State's Variable nodes
@@ -142,26 +151,62 @@ class Loops:
         topk = jax.lax.top_k(logits_BxK1xV, observe_k)[1] if observe_k else jnp.zeros((b, k1, 0), jnp.int32)
         return cache, out_BxK1, n_acc + 1, topk.astype(jnp.int32)
 
-    def _speculate(self, params, cache, inputs_BxKm, draft_len_B, live_B, max_steps, keys_Bx2, knobs: Knobs, *,
-                   observe_k: int) -> SpecState:
-        """Verify steps until the host reports no live row; the host callback owns drafts and output.
-        The cache is donated; the loop starts from a SpecState built here (step 0)."""
+    def _speculate(self, params, cache, inputs_BxKm, draft_len_B, live_B, room_B, max_steps, max_stretch, stop_S,
+                   keys_Bx2, knobs: Knobs, *, observe_k: int) -> SpecState:
+        """Iterations until the host reports no live row; the host callback owns drafts and output.
+        The cache is donated; the loop starts from a SpecState built here (step 0).
+
+        An iteration in which no row drafts is a plain stretch: `stretch` plain steps (size-0 verify steps) in
+        a row without calling the host, each row stopping at a stop id or its budget (`room`). The stretch
+        doubles (1, 2, 4, ... max_stretch, a traced cap <= the engine's static `max_stretch`) while nothing
+        drafts and falls back to 1 after any draft, so a drafter that finds a match waits at most as many
+        steps as already went undrafted. max_stretch <= 1: one plain step per host call."""
         self.traces["speculate"] += 1
         model = self._model(params)
         b, km = inputs_BxKm.shape  # km = max verify size + 1
+        w = max(km, self.max_stretch)  # emitted tokens per row and iteration (a verify or a stretch)
         sizes = self.verify_sizes
+        rows = jnp.arange(b)
+        cap = jnp.maximum(jnp.asarray(max_stretch, jnp.int32), 1)
 
         def verify(k, s: SpecState):
             def run(carry):
                 cache = carry[0]
                 cache, out, counts, topk = self._verify_step(model, cache, s.inputs[:, :k + 1], s.draft_len, s.live,
                                                              keys_Bx2, knobs, observe_k)
-                out = jnp.pad(out, ((0, 0), (0, km - k - 1)), constant_values=self.pad_id)
-                return cache, out, counts, jnp.pad(topk, ((0, 0), (0, km - k - 1), (0, 0)))
+                out = jnp.pad(out, ((0, 0), (0, w - k - 1)), constant_values=self.pad_id)
+                return (cache, out, jnp.where(s.live, counts, 0), jnp.pad(topk, ((0, 0), (0, w - k - 1), (0, 0))),
+                        s.live.astype(jnp.int32))
+            return run
+
+        def plain(s: SpecState):
+            """s.stretch plain steps from the pending tokens: (cache, tokens [B, w], count = steps [B], top-k)."""
+            zeros = jnp.zeros((b,), jnp.int32)
+
+            def run(carry):
+                def cond(c):
+                    return (c[-1] < s.stretch) & jnp.any(c[4])
+
+                def body(c):
+                    cache, tok, out, cnt, alive, topk_buf, j = c
+                    cache, o, _, topk = self._verify_step(model, cache, tok[:, None], zeros, alive, keys_Bx2, knobs,
+                                                          observe_k)
+                    new = o[:, 0]
+                    at = jnp.where(alive, cnt, w)
+                    out = out.at[rows, at].set(new, mode="drop")
+                    topk_buf = topk_buf.at[rows, at].set(topk[:, 0], mode="drop")
+                    cnt = cnt + alive
+                    tok = jnp.where(alive, new, tok)
+                    alive = alive & ~jnp.isin(new, stop_S) & (cnt < s.room)
+                    return cache, tok, out, cnt, alive, topk_buf, j + 1
+
+                start = (carry[0], s.inputs[:, 0], carry[1], zeros, s.live, carry[3], jnp.zeros((), jnp.int32))
+                cache, _, out, cnt, _, topk_buf, _ = jax.lax.while_loop(cond, body, start)
+                return cache, out, cnt, topk_buf, cnt
             return run
 
         # One int32 array each way: every callback operand and result costs a conversion (~10-30 us each).
-        host_shape = jax.ShapeDtypeStruct((b, km + 2), jnp.int32)  # next inputs, draft length, live
+        host_shape = jax.ShapeDtypeStruct((b, km + 3), jnp.int32)  # next inputs, draft length, live, room
 
         def body(s: SpecState):
             size = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(s.draft_len))  # smallest that fits
@@ -169,20 +214,21 @@ class Loops:
             # One `run_if` (a while loop of 0 or 1 trips) per size, in a chain, not lax.cond or lax.switch:
             # XLA:CPU copies the cache inside a conditional branch that updates it (the KV writes stop being in
             # place; measured on decoder_tiny: +0.28 ms per step with one other size, +0.39 ms with three).
-            carry = (s.cache, jnp.full((b, km), self.pad_id, jnp.int32), jnp.zeros((b,), jnp.int32),
-                     jnp.zeros((b, km, observe_k), jnp.int32))
+            carry = (s.cache, jnp.full((b, w), self.pad_id, jnp.int32), jnp.zeros((b,), jnp.int32),
+                     jnp.zeros((b, w, observe_k), jnp.int32), jnp.zeros((b,), jnp.int32))
             for j, k in enumerate(sizes):
-                carry = run_if(size == j, verify(k, s), carry)
-            cache, out, counts, topk = carry
-            # [emitted tokens (km) | count | top-k ids (km * observe_k)] per row, see speculation.Host.step
-            emitted = jnp.concatenate([out, counts[:, None], topk.reshape(b, -1)], axis=1)
+                carry = run_if(size == j, plain(s) if k == 0 else verify(k, s), carry)
+            cache, out, counts, topk, steps = carry
+            # [emitted tokens (w) | count | steps | top-k ids (w * observe_k)] per row, see speculation.Host.step
+            emitted = jnp.concatenate([out, counts[:, None], steps[:, None], topk.reshape(b, -1)], axis=1)
             nxt = self.host_call(host_shape, emitted)
+            stretch = jnp.where(size == 0, jnp.minimum(2 * s.stretch, cap), 1) if sizes[0] == 0 else s.stretch
             return SpecState(cache=cache, inputs=nxt[:, :km], draft_len=nxt[:, km], live=nxt[:, km + 1] > 0,
-                             step=s.step + 1)
+                             room=nxt[:, km + 2], stretch=stretch, step=s.step + 1)
 
         def cond(s: SpecState):
             return jnp.any(s.live) & (s.step < max_steps)
 
-        start = SpecState(cache=cache, inputs=inputs_BxKm, draft_len=draft_len_B, live=live_B,
-                          step=jnp.zeros((), jnp.int32))
+        start = SpecState(cache=cache, inputs=inputs_BxKm, draft_len=draft_len_B, live=live_B, room=room_B,
+                          stretch=jnp.ones((), jnp.int32), step=jnp.zeros((), jnp.int32))
         return jax.lax.while_loop(cond, body, start)

@@ -47,8 +47,9 @@ def observing(drafters: Sequence) -> bool:
 class Host:
     """The speculative loop's host callback for one engine; it serves one `SpeculativeRun` at a time."""
 
-    def __init__(self, max_verify: int, device=None):
+    def __init__(self, max_verify: int, device=None, max_stretch: int = 1):
         self.km = int(max_verify) + 1
+        self.w = max(self.km, int(max_stretch))  # emitted tokens per row (a verify or a plain stretch)
         self.device = device  # set when the engine runs on a mesh (see host_callback)
         self.run: SpeculativeRun | None = None
 
@@ -61,12 +62,14 @@ class Host:
         return host_callback(self.step, shape, emitted, self.device)
 
     def step(self, emitted):
-        """[out (K+1) | count | top-k ids] per row in, [inputs | length | live] out."""
+        """[out (w) | count | steps | top-k ids (w x k)] per row in, [inputs (K+1) | length | live | room] out.
+        steps is 1 for a verify step and the number of tokens for a plain stretch (0 for a row not live)."""
         t0 = time.perf_counter()
         e = np.asarray(emitted)
-        km = self.km
-        inputs, draft_len, live = self.run.step(e[:, :km], e[:, km], e[:, km + 1:].reshape(len(e), km, -1))
-        out = np.concatenate([inputs, draft_len[:, None], live[:, None]], axis=1, dtype=np.int32)
+        w = self.w
+        inputs, draft_len, live = self.run.step(e[:, :w], e[:, w], e[:, w + 1], e[:, w + 2:].reshape(len(e), w, -1))
+        out = np.concatenate([inputs, draft_len[:, None], live[:, None], self.run.room()[:, None]], axis=1,
+                             dtype=np.int32)
         self.run.host_s += time.perf_counter() - t0
         return out
 
@@ -89,8 +92,11 @@ class SpeculativeRun:
     """
 
     def __init__(self, req: Request, drafters, *, max_verify: int, pad_id: int, vocab_size: int, observe_k: int,
-                 first, n0, done0, prompt_topk, on_tokens=None):
+                 first, n0, done0, prompt_topk, on_tokens=None, observed_cost=None, sizes=()):
         self.req, self.drafters, self.observe_k = req, drafters, observe_k
+        # an ObservedCost (decode.drafters) fed with the CPU time of each verify step at its size
+        self.observed_cost, self.sizes = observed_cost, tuple(sizes)
+        self._t = None
         self.on_tokens = on_tokens  # on_tokens(row, new ids) as rows emit (streaming); its errors end the run
         self.stops_arr = np.asarray(sorted(int(s) for s in req.stop_S if s >= 0), np.int64)
         # Only drafters that declare `observes` get the top-k ids (observe_k is 0 when none does).
@@ -138,34 +144,55 @@ class SpeculativeRun:
         self.draft_s += time.perf_counter() - td
         return self.inputs.copy(), self.draft_len.copy(), self.live.copy()
 
-    def step(self, out_BxKm, counts_B, topk_BxKmxO):
+    def room(self) -> np.ndarray:
+        """[B] tokens each row may still emit (its budget less what it emitted)."""
+        return np.asarray([int(m) - len(e) for m, e in zip(self.req.max_new_B, self.emitted)], np.int32)
+
+    def step(self, out_BxW, counts_B, steps_B, topk_BxWxO):
         if self.error is not None:  # the loop is ending; keep state as it was at the error
             return self.inputs.copy(), self.draft_len.copy(), np.zeros_like(self.live)
         try:
-            self._emit(out_BxKm, counts_B, topk_BxKmxO)
+            self._emit(out_BxW, counts_B, steps_B, topk_BxWxO)
             return self.drafts()
         except BaseException as e:  # noqa: BLE001 - re-raised by generate_speculative after the loop
             self.error = e
             return self.inputs.copy(), self.draft_len.copy(), np.zeros_like(self.live)
 
-    def _emit(self, out_BxKm, counts_B, topk_BxKmxO):
+    def _observe_cost(self, steps_B):
+        """The CPU time since the last host call is the cost of the iteration that just ran: a verify at the
+        smallest size holding the longest draft, or (one step, no draft) a plain step."""
+        t = time.process_time()
+        if self._t is not None and self.observed_cost is not None and self.sizes:
+            longest = int(self.draft_len[self.live].max()) if self.live.any() else 0
+            if longest or int(steps_B.max()) == 1:
+                size = next((k for k in self.sizes if k >= longest), self.sizes[-1])
+                self.observed_cost.observe(size, t - self._t)
+        self._t = t
+
+    def _emit(self, out_BxW, counts_B, steps_B, topk_BxWxO):
+        self._observe_cost(steps_B)
         self.calls += 1
         td = time.perf_counter()
         max_new = self.req.max_new_B
         for i in np.flatnonzero(self.live):
-            new = out_BxKm[i, :counts_B[i]]
+            new = out_BxW[i, :counts_B[i]]
+            stretch = self.draft_len[i] == 0  # a plain stretch: the inputs were pending, then new[:-1]
             new = new[:int(max_new[i]) - len(self.emitted[i])]
             hit = np.flatnonzero(np.isin(new, self.stops_arr)) if self.stops_arr.size else ()
             if len(hit):
                 new = new[:hit[0] + 1]
+            if self.observes[i]:
+                if stretch:
+                    self.drafters[i].observe(np.append(self.pending[i], new[:-1]).astype(np.int32),
+                                             topk_BxWxO[i, :len(new)])
+                else:
+                    n = self.draft_len[i] + 1
+                    self.drafters[i].observe(self.inputs[i, :n], topk_BxWxO[i, :n])
             self.emitted[i].extend(new.tolist())
-            self.steps[i] += 1
+            self.steps[i] += int(steps_B[i]) if stretch else 1
             self.pending[i] = new[-1]
             if len(hit) or len(self.emitted[i]) >= max_new[i]:
                 self.live[i] = False
-            if self.observes[i]:
-                n = self.draft_len[i] + 1
-                self.drafters[i].observe(self.inputs[i, :n], topk_BxKmxO[i, :n])
             self.drafters[i].accept(new)
             if self.on_tokens is not None:
                 self.on_tokens(i, new)

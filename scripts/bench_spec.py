@@ -65,11 +65,12 @@ def verify_table(name: str, engine: Engine, rounds: int) -> dict:
 
 
 def make_maker(variant: str, engine, cost, max_draft: int, sam):
-    from decode.drafters import make_drafter
+    from decode.drafters import Acceptance, make_drafter
 
     name, _, rule = variant.partition(":")
+    history = Acceptance()  # sam's acceptance estimates, kept across the prompts and repeats of a variant
     return lambda: make_drafter(name, vocab_size=engine.vocab_size, static_sam=sam, cost=cost, max_len=max_draft,
-                                rule=rule or "cost")
+                                history=history, rule=rule or "cost")
 
 
 def bench_run(run_dir: str, items: list, variants: list, args) -> tuple[dict, list]:
@@ -88,7 +89,7 @@ def bench_run(run_dir: str, items: list, variants: list, args) -> tuple[dict, li
         engine.warmup(1, n, speculative=True, observe=(False,) if not any("recycle" in v for v in variants)
                       else (False, True))
     verify = verify_table(arch, engine, args.verify_rounds)
-    cost = engine.verify_cost(1)
+    cost = engine.observed_cost(1)
     makers = {v: make_maker(v, engine, cost, args.max_draft, sam) for v in variants if v != "none"}
     kw = dict(max_new_tokens=args.max_new_tokens, stop_ids=())
     times: dict = {v: [[] for _ in ids] for v in ["none"] + list(makers)}

@@ -11,7 +11,10 @@ For each model and verify size K (drafts always rejected, batch 1), one process 
   carry and emitted-array plumbing, but no callback);
 - `callback K`: the same with a host callback that returns the stub's answer from numpy (the callback's fixed
   cost);
-- `spec K`: Engine.generate_speculative with a drafter of K rejected tokens (everything: the host's Python).
+- `spec K`: Engine.generate_speculative with a drafter of K rejected tokens (everything: the host's Python);
+  `spec 0` drafts nothing, so the loop runs plain stretches (1, 2, 4, ... steps per host call);
+- `nostretch`: `spec 0` with max_stretch=1: one plain step and one host call per token (the loop before
+  plain stretches).
 Differences between consecutive rows are the cost of each layer. Per-step times are differences of a
 2N-step and an N-step run, so prefill and the request's fixed cost cancel; in CPU time of this process (on
 a shared machine a step's wall time is mostly waiting for a core). `--ops`: XLA's own per-op profile.
@@ -66,8 +69,8 @@ class Probe:
             def f(shape, emitted):
                 b = emitted.shape[0]
                 k = jnp.minimum(emitted[:, km], 0) + kk  # K at run time, but opaque to XLA (counts >= 1)
-                return jnp.concatenate([jnp.full((b, km), pad, jnp.int32), k[:, None], jnp.ones((b, 1), jnp.int32)],
-                                       1)
+                return jnp.concatenate([jnp.full((b, km), pad, jnp.int32), k[:, None], jnp.ones((b, 1), jnp.int32),
+                                        jnp.full((b, 1), 1 << 20, jnp.int32)], 1)
             return f
 
         def np_stub(shape, emitted):
@@ -76,6 +79,7 @@ class Probe:
                 out[:, :km] = pad
                 out[:, km] = self._kk
                 out[:, km + 1] = 1
+                out[:, km + 2] = 1 << 20  # room
                 return out
             return host_callback(fn, shape, emitted)
 
@@ -93,9 +97,10 @@ class Probe:
     def plain(self, n):
         self.e.generate(self.prompt, max_new_tokens=n + 1, stop_ids=())
 
-    def spec(self, k, n):
-        self.e.generate_speculative(self.prompt, [_FixedDraft(k)], max_new_tokens=n + self.km + 1, stop_ids=())
-        # drafts are rejected (but for chance): each step emits one token
+    def spec(self, k, n, max_stretch=None):
+        self.e.generate_speculative(self.prompt, [_FixedDraft(k)], max_new_tokens=n + self.km + 1, stop_ids=(),
+                                    max_stretch=max_stretch)
+        # drafts are rejected (but for chance): each step emits one token; K=0 runs plain stretches
 
     def device(self, k, n):
         fn = self._device.get(k)
@@ -122,7 +127,8 @@ class Probe:
         self._kk = k
         inputs = np.full((b, self.km), self.e.pad_id, np.int32)
         out = loops.speculate(self.e.params, state.cache, inputs, np.full(b, k, np.int32), np.ones(b, bool),
-                              np.int32(n), req.keys_Bx2, req.knobs, observe_k=0)
+                              np.full(b, 1 << 20, np.int32), np.int32(n), np.int32(1), req.stop_S, req.keys_Bx2,
+                              req.knobs, observe_k=0)
         jax.block_until_ready(out)
 
     def chain(self, k, n):
@@ -168,8 +174,8 @@ def op_profile(p: Probe, k: int, steps: int, top: int = 12) -> dict:
         state, _ = e._start(req)
         b = state.cache.lengths.shape[0]
         hlo = e._loops.speculate.lower(e.params, state.cache, np.zeros((b, p.km), np.int32), np.zeros(b, np.int32),
-                                       np.ones(b, bool), np.int32(1), req.keys_Bx2, req.knobs,
-                                       observe_k=0).compile().as_text()
+                                       np.ones(b, bool), np.zeros(b, np.int32), np.int32(1), np.int32(1), req.stop_S,
+                                       req.keys_Bx2, req.knobs, observe_k=0).compile().as_text()
         run = lambda: p.spec(k, steps)  # noqa: E731
     run()
     opts = jax.profiler.ProfileOptions()
@@ -227,7 +233,7 @@ def per_step(fn, n, clock=time.process_time):
 def profile(name, engine, args) -> dict:
     p = Probe(engine, args.prompt_len)
     sizes = [k for k in engine.verify_sizes]
-    rows = {"plain": lambda n: p.plain(n)}
+    rows = {"plain": lambda n: p.plain(n), "nostretch": lambda n: p.spec(0, n, max_stretch=1)}
     for k in sizes:
         rows[f"device {k}"] = lambda n, k=k: p.device(k, n)
         rows[f"chain {k}"] = lambda n, k=k: p.chain(k, n)
@@ -248,7 +254,8 @@ def profile(name, engine, args) -> dict:
     print("| K | device | chain | callback | spec (all) | spec / plain |")
     print("|---|---|---|---|---|---|")
     cell = lambda r: f"{med[r]:.3f}" if r in med else "-"  # noqa: E731
-    print(f"plain {cell('plain')}")
+    print(f"plain {cell('plain')}; no draft without stretches (one host call per step) {cell('nostretch')}"
+          + (f" = {med['nostretch'] / med['plain']:.2f}x" if "nostretch" in med and "plain" in med else ""))
     for k in sizes:
         ratio = f"{med[f'spec {k}'] / med['plain']:.2f}x" if f"spec {k}" in med and "plain" in med else "-"
         print(f"| {k} | {cell(f'device {k}')} | {cell(f'chain {k}')} | {cell(f'callback {k}')} | "
@@ -265,7 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-draft", type=int, default=4)
-    ap.add_argument("--only", help="comma-separated row kinds to time: plain, device, chain, callback, spec")
+    ap.add_argument("--only", help="comma-separated row kinds to time: plain, nostretch, device, chain, callback, "
+                    "spec")
     ap.add_argument("--ops", action="store_true", help="XLA per-op profile of the plain loop and each verify size")
     ap.add_argument("--out")
     args = ap.parse_args(argv)

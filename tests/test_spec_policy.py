@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from decode.drafters import Acceptance, SAMDrafter, VerifyCost, best_length, make_drafter
+from decode.drafters import Acceptance, ObservedCost, SAMDrafter, VerifyCost, best_length, make_drafter
 
 V = 259
 CHEAP = VerifyCost((0, 1, 2, 4), (1.0, 1.1, 1.2, 1.4))  # verifying is almost free (an accelerator)
@@ -64,6 +64,55 @@ def test_acceptance_is_learnt_online_and_stops_drafts_that_keep_failing():
     for _ in range(20):
         a.record(0, 3, 4, 4)  # whole drafts accepted
     assert a.rate(0, 3) > 0.95 and a.rate(0, 4) == Acceptance.prior(0, 4)
+
+
+def test_acceptance_history_carries_across_requests_of_one_maker():
+    """Drafters made with one `history` start a request from what earlier requests learnt (bounded), and a
+    drafter without one starts from the prior."""
+    cost = VerifyCost((0, 1, 2, 4), (1.0, 1.3, 1.4, 1.6))
+    hist = Acceptance()
+    p = short_match_prompt()
+    first = make_drafter("sam", vocab_size=V, cost=cost, history=hist)
+    first.reset(p)
+    prior = first.acceptance.rate(0, 2)
+    for _ in range(30):  # every draft rejected at its first token
+        if len(first.draft(4)):
+            first.accept(np.array([77], np.int32))
+        first.dynamic.reset(p)
+    assert first.acceptance.rate(0, 2) <= prior / 2
+    for _ in range(100):  # a long history of failures elsewhere
+        hist.record(0, 2, 4, 0)
+    second = make_drafter("sam", vocab_size=V, cost=cost, history=hist)
+    second.reset(p)
+    learnt = second.acceptance.rate(0, 2)
+    assert learnt <= prior / 2 and second.draft(4).shape == (0,)  # the new request knows short matches fail
+    assert second.acceptance.rate(0, 5) == Acceptance.prior(0, 5)  # other buckets: the prior
+    # bounded: however long the history, this request's own evidence moves the estimate
+    for _ in range(4):
+        second.acceptance.record(0, 2, 4, 4)
+    assert second.acceptance.rate(0, 2) > learnt + 0.2
+    fresh = make_drafter("sam", vocab_size=V, cost=cost)
+    fresh.reset(p)
+    assert fresh.acceptance.rate(0, 2) == prior
+
+
+def test_observed_cost_follows_the_machine_and_keeps_the_ratios_it_has_not_seen():
+    base = VerifyCost((0, 1, 4), (1.0, 2.0, 3.0))
+    c = ObservedCost(base)
+    assert c.cost == base.cost and c.of(3) == 3.0 and c.max_size == 4
+    for _ in range(200):  # the machine is twice as slow as at warm-up (only size 4 is seen)
+        c.observe(4, 6.0)
+    assert c.cost == pytest.approx((2.0, 4.0, 6.0))  # unseen sizes scaled by the same load
+    assert c.relative() == pytest.approx({0: 1.0, 1: 2.0, 4: 3.0})
+    for _ in range(200):  # size 1 turns out cheap: its own mean outweighs the base
+        c.observe(1, 2.0)
+    assert c.of(1) < 3.0 and c.of(1) <= c.of(4) and c.of(0) <= c.of(1)
+    c.observe(2, 1.0)  # not a compiled size: ignored
+    for _ in range(200):  # a spike at size 1 above size 4 is noise: never more than a larger size
+        c.observe(1, 50.0)
+    assert c.of(1) == c.of(4)
+    # the cost rule reads it like a VerifyCost
+    assert best_length(0.9, 10, 4, c)[0] in (0, 1, 2, 3, 4)
 
 
 def test_sam_is_never_behind_pld_on_a_repeat_it_can_see():
