@@ -40,7 +40,8 @@ per layer); slot = position for token caches, slot = concept index for concept c
   `.counts` (replicated only): slot kk's multiplicity, the length of concept kk once it closed; all are
   rolled back by `J`, the number of closed concepts: slots beyond J are invisible (masks come from
   positions) and are overwritten before use;
-- per row: `J`, the open concept's running fp32 sum `seg_sum` and count `seg_cnt`, `prev_h` (= h_{t-1}).
+- per row: `J`, the open concept's running fp32 sum `seg_sum` and count `seg_cnt`, `prev_q` (= W_q h_{t-1},
+  the previous token's half of the boundary score, so a step projects only its own tokens).
 `extend` is parallel over its K tokens: the token stacks run as in the decoder, the boundaries need only
 h_{t-1} and h_t (and the cap the count before the block), the concepts closed inside the block (at most K)
 are packed into K backbone slots written at J..J+K-1 (the unused ones are garbage beyond the new J, hence
@@ -329,7 +330,7 @@ class ConceptPending(NamedTuple):
     J: jax.Array  # [B, K]
     seg_sum: jax.Array  # [B, K, d] fp32
     seg_cnt: jax.Array  # [B, K]
-    prev_h: jax.Array  # [B, K, d]
+    prev_q: jax.Array  # [B, K, d_scan]
 
 
 # ---- the model ----------------------------------------------------------------------------------------------
@@ -557,7 +558,7 @@ class DLCMLM(LM):
         # Each leaf is its own buffer: one shared zeros array cannot be donated twice.
         concept = ConceptCache(
             J=jnp.zeros((batch,), jnp.int32), seg_sum=jnp.zeros((batch, cfg.d_model), jnp.float32),
-            seg_cnt=jnp.zeros((batch,), jnp.int32), prev_h=jnp.zeros((batch, cfg.d_model), self.dtype),
+            seg_cnt=jnp.zeros((batch,), jnp.int32), prev_q=jnp.zeros((batch, cfg.scan_dim), self.dtype),
             backbone=tuple(blk.init_cache(batch, sc) for blk in self.bb_blocks),
             cross=KVCache(jnp.zeros(x_shape, self.dtype), jnp.zeros(x_shape, self.dtype)),
             counts=jnp.zeros((batch, sc), jnp.int32) if cfg.cross_weighting == "replicated" else None)
@@ -590,8 +591,9 @@ class DLCMLM(LM):
 
         # boundaries: token i closes the open concept iff it starts a new one at a position > 0 (the same
         # forced boundaries and slot cap as the full forward; n0 counts the open concept of a non-empty row)
-        h_prev = jnp.concatenate([cc.prev_h[:, None].astype(h.dtype), h[:, :-1]], axis=1)
-        raw = self._raw_boundaries(tokens_BxK, boundary_prob(self.w_q(h_prev), self.w_k(h)), pos)
+        q = self.w_q(h)
+        q_prev = jnp.concatenate([cc.prev_q[:, None].astype(q.dtype), q[:, :-1]], axis=1)
+        raw = self._raw_boundaries(tokens_BxK, boundary_prob(q_prev, self.w_k(h)), pos)
         n0 = j0 + (cache.lengths > 0).astype(jnp.int32)
         bnd, _ = capped_boundaries(raw, pos, n0, cfg.slot_rate, cfg.concept_slack)
         close = bnd & (pos > 0)
@@ -603,11 +605,6 @@ class DLCMLM(LM):
         in_open = (c_idx == 0)
         run_sum = run_sum + jnp.where(in_open[..., None], cc.seg_sum[:, None], 0.0)
         run_cnt = run_cnt + jnp.where(in_open, cc.seg_cnt[:, None], 0)
-        prev_sum = jnp.concatenate([cc.seg_sum[:, None], run_sum[:, :-1]], axis=1)
-        prev_cnt = jnp.concatenate([cc.seg_cnt[:, None], run_cnt[:, :-1]], axis=1)
-        dest = jnp.where(close, c_idx - 1, k)  # packed slot r of the concept closed at token i
-        packed_sum = jnp.zeros_like(prev_sum).at[rows, dest].set(prev_sum, mode="drop")
-        packed_cnt = jnp.zeros_like(prev_cnt).at[rows, dest].set(prev_cnt, mode="drop")
 
         # The concept path (backbone over the K packed slots at concept positions J0 .. J0+K-1, their cross
         # K/V, the null concept's K/V in slot 0, the replicated counts) runs only when some row closes a
@@ -619,6 +616,12 @@ class DLCMLM(LM):
 
         def concept_path(carry):
             bb_c, ck, cv, counts = carry
+            # the concepts closed in the block, packed: slot r holds the one closed by the r-th close
+            prev_sum = jnp.concatenate([cc.seg_sum[:, None], run_sum[:, :-1]], axis=1)
+            prev_cnt = jnp.concatenate([cc.seg_cnt[:, None], run_cnt[:, :-1]], axis=1)
+            dest = jnp.where(close, c_idx - 1, k)
+            packed_sum = jnp.zeros_like(prev_sum).at[rows, dest].set(prev_sum, mode="drop")
+            packed_cnt = jnp.zeros_like(prev_cnt).at[rows, dest].set(prev_cnt, mode="drop")
             zc = self._concepts_in(packed_sum, packed_cnt)
             bb = []
             for blk_m, c in zip(self.bb_blocks, bb_c):  # causal whatever the prefix
@@ -652,7 +655,7 @@ class DLCMLM(LM):
             dec.append(c)
 
         concept = cc._replace(backbone=tuple(bb), cross=KVCache(ck, cv), counts=counts)
-        pending = ConceptPending(J=j_after, seg_sum=run_sum, seg_cnt=run_cnt, prev_h=h)
+        pending = ConceptPending(J=j_after, seg_sum=run_sum, seg_cnt=run_cnt, prev_q=q)
         return self._out(x), Cache(cache.lengths, (*enc, concept, *dec), pending)
 
     def commit(self, cache: Cache, n_B) -> Cache:
@@ -672,5 +675,5 @@ class DLCMLM(LM):
 
         enc, cc, dec = self._split(cache.layers)
         concept = cc._replace(J=pick(pend.J, cc.J), seg_sum=pick(pend.seg_sum, cc.seg_sum),
-                              seg_cnt=pick(pend.seg_cnt, cc.seg_cnt), prev_h=pick(pend.prev_h, cc.prev_h))
+                              seg_cnt=pick(pend.seg_cnt, cc.seg_cnt), prev_q=pick(pend.prev_q, cc.prev_q))
         return Cache(cache.lengths + n, (*enc, concept, *dec))
