@@ -103,9 +103,11 @@ class DLCMConfig:
     d_scan: int = 0  # width of W_q / W_k; 0: d_model (then both start as the identity, as in H-Net)
     target_ratio: float = 4.0  # R: target tokens per concept
     aux_weight: float = 0.03  # lambda
-    sharpen: float = 6.0  # training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s)). The parser
-    #                       drives the SAMPLED rate to 1/R; draws at p < 1/2 never fire at evaluation, so the eval
-    #                       ratio overshoots R (dlcm_tiny, R = 8: +19% at s = 6, +12% at s = 16; R = 4: +6% at 6)
+    sharpen: float = 0.0  # s: training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s)); 0: s =
+    #                       1.5 R (`sharpen_power`: 6 at R = 4, 12 at R = 8). The parser drives the SAMPLED rate
+    #                       to 1/R; draws at p < 1/2 never fire at evaluation, so the eval ratio overshoots R,
+    #                       more at a larger R unless s grows with it (dlcm_tiny, R = 8: +19% at s = 6, +12% at
+    #                       16, +9.9% at 12; R = 4: +6% at 6)
     eval_threshold: float = 0.5  # evaluation and decoding: b = [p >= eval_threshold]
     doc_start_id: int = 257  # this token always starts a concept (the data's document separator: the
     #                          tokenizer's EOS, written after every document by core/data.py); -1: none. A run
@@ -157,6 +159,11 @@ class DLCMConfig:
         return self.d_concept / self.mup_base_width if self.mup else 1.0
 
     @property
+    def sharpen_power(self) -> float:
+        """The sharpening power s of the training draws: `sharpen`, or 1.5 R when it is 0."""
+        return self.sharpen or 1.5 * self.target_ratio
+
+    @property
     def slot_rate(self) -> float:
         """Concept slots per token (the cap's slope), as float32 so that every path computes the same cap."""
         return float(np.float32(self.concept_slots / self.target_ratio))
@@ -197,8 +204,9 @@ class DLCMConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by cross_heads ({self.cross_heads})")
         if not self.target_ratio > 1.0:
             raise ValueError(f"target_ratio must be > 1; got {self.target_ratio}")
-        if self.aux_weight < 0 or not self.sharpen > 0:
-            raise ValueError(f"need aux_weight >= 0 and sharpen > 0; got {self.aux_weight}, {self.sharpen}")
+        if self.aux_weight < 0 or self.sharpen < 0:
+            raise ValueError(f"need aux_weight >= 0 and sharpen >= 0 (0: 1.5 R); got {self.aux_weight}, "
+                             f"{self.sharpen}")
         if not 0.0 < self.eval_threshold <= 1.0:
             raise ValueError(f"eval_threshold must be in (0, 1]; got {self.eval_threshold}")
         if not self.concept_slots > 0 or self.concept_slack < 1:
@@ -389,7 +397,7 @@ class DLCMLM(LM):
         if rng is None:
             bnd = p >= self.cfg.eval_threshold
         else:
-            bnd = jax.random.bernoulli(rng, jax.lax.stop_gradient(sharpen(p, self.cfg.sharpen)))
+            bnd = jax.random.bernoulli(rng, jax.lax.stop_gradient(sharpen(p, self.cfg.sharpen_power)))
         return bnd | self._forced(tokens, pos)
 
     def _forced(self, tokens, pos):
