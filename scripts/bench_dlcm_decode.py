@@ -11,7 +11,10 @@ loop (verify size 1). A model's figure per repeat is its new tokens over its dec
 prompts (prefill excluded); the table gives the medians, the per-step microseconds and the median of the
 per-repeat ratios. The concept close rate is what makes DLCM's steps uneven: a step that closes a concept runs
 the backbone, the others skip it. It is counted on the generated tokens with the full forward's threshold
-boundaries over prompt + output (the same decisions as the cached decoding's, tests/test_dlcm.py).
+boundaries over prompt + output (the same decisions as the cached decoding's, tests/test_dlcm.py). A tiny
+model's greedy output can be degenerate (a run of spaces closes no concept), so the script also times
+teacher-forced steps (extend one real validation token + commit, batch 1, no sampling, in one jitted loop)
+over 2 x --new-tokens tokens after a --prompt-tokens prefill: DLCM closes concepts there at the validation rate.
 """
 
 from __future__ import annotations
@@ -71,8 +74,52 @@ def bench(models, prompts, n_new: int, repeats: int):
     return secs, toks, outs
 
 
+def forced_step_us(models, seq, start: int, n: int, repeats: int):
+    """Per model: microseconds per teacher-forced decode step (extend 1 token + commit, batch 1, no sampling)
+    over the real tokens seq[start:start + 2n] after a prefill of seq[:start], the models alternating; the
+    per-step time is the difference of a 2n-step and an n-step loop (prefill and call overhead cancel)."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    toks = jnp.asarray(np.asarray(seq[:start + 2 * n], np.int32)[None])
+    fns = []
+    for m in models:
+        gdef, state = nnx.split(m)
+
+        @jax.jit
+        def run(state, toks, end, gdef=gdef):
+            mm = nnx.merge(gdef, state)
+            cache = mm.init_cache(1, toks.shape[1] + 16)
+            _, cache = mm.extend(toks[:, :start], cache)
+            cache = mm.commit(cache, jnp.full((1,), start, jnp.int32))
+
+            def body(i, carry):
+                cache, acc = carry
+                lg, cache = mm.extend(jax.lax.dynamic_slice(toks, (0, i), (1, 1)), cache)
+                return mm.commit(cache, jnp.ones((1,), jnp.int32)), acc + lg[0, 0, 0]
+            return jax.lax.fori_loop(start, end, body, (cache, jnp.float32(0)))[1]
+        fns.append((run, state))
+    for f, st in fns:
+        f(st, toks, start + n).block_until_ready()
+    out = [[] for _ in models]
+    for _ in range(repeats):
+        for i, (f, st) in enumerate(fns):
+            t0 = time.perf_counter()
+            f(st, toks, start + n).block_until_ready()
+            t1 = time.perf_counter()
+            f(st, toks, start + 2 * n).block_until_ready()
+            t2 = time.perf_counter()
+            out[i].append(1e6 * ((t2 - t1) - (t1 - t0)) / n)
+    return out
+
+
 @cli
 def main(argv=None) -> int:
+    import jax.numpy as jnp
     import numpy as np
 
     from core.data import Corpus
@@ -111,6 +158,17 @@ def main(argv=None) -> int:
     for pr, out in zip(prompts, outs[0]):
         g, c = close_rate(dmodel, pr, out)
         gen, con = gen + g, con + c
+    # teacher-forced: real validation text closes concepts at the validation rate (greedy output of a tiny
+    # model can be degenerate, e.g. a run of spaces that never closes one)
+    start = args.prompt_tokens
+    seq = np.asarray(corpus.val[:start + 2 * args.new_tokens])
+    forced = forced_step_us([dmodel, bmodel], seq, start, args.new_tokens, args.repeats)
+    _, fb = dmodel.boundaries(jnp.asarray(seq[None].astype(np.int32)))
+    f_con = int(np.asarray(fb[0])[start:].sum())
+    f_ratios = [b / d for d, b in zip(*forced)]
+    res_forced = {"dlcm_us_per_step": statistics.median(forced[0]), "decoder_us_per_step": statistics.median(forced[1]),
+                  "ratio_per_repeat_median": statistics.median(f_ratios), "ratio_per_repeat": f_ratios,
+                  "concepts_closed": f_con, "tokens": 2 * args.new_tokens}
     res = {"dlcm": {"run": args.dlcm_run, "step": dstep, **rows["dlcm"]},
            "decoder": {"run": args.decoder_run, "step": bstep, **rows["decoder"]},
            "ratio": rows["dlcm"]["tokens_per_s"] / rows["decoder"]["tokens_per_s"],
@@ -118,7 +176,7 @@ def main(argv=None) -> int:
            "concepts_closed": con, "generated_tokens": gen,
            "close_rate": con / max(gen, 1), "tokens_per_concept": gen / max(con, 1),
            "target_ratio": dcfg.model.target_ratio, "prompts": len(prompts), "new_tokens": args.new_tokens,
-           "repeats": args.repeats}
+           "repeats": args.repeats, "teacher_forced": res_forced}
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"batch-1 decode, {len(prompts)} validation prompts x {args.new_tokens} new tokens, median of "
@@ -128,6 +186,9 @@ def main(argv=None) -> int:
     print(f"  dlcm / decoder: {res['ratio']:.3f}x (median of per-repeat ratios {res['ratio_per_repeat_median']:.3f}x)")
     print(f"  concepts closed on the generated tokens: {con} / {gen} (one every {res['tokens_per_concept']:.2f} "
           f"tokens; target R {dcfg.model.target_ratio})")
+    print(f"  teacher-forced on validation text ({2 * args.new_tokens} tokens, {f_con} concepts closed): dlcm "
+          f"{res_forced['dlcm_us_per_step']:.1f} us/step, decoder {res_forced['decoder_us_per_step']:.1f} us/step, "
+          f"dlcm speed {res_forced['ratio_per_repeat_median']:.3f}x the decoder's (median of per-repeat ratios)")
     return 0
 
 
