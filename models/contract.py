@@ -52,13 +52,13 @@ class MambaCache(NamedTuple):
 
 class ConceptCache(NamedTuple):
     """DLCM's concept state: closed-concept count J [B], the open concept's fp32 running sum [B, d] and count
-    [B], the previous encoder state prev_h [B, d], backbone K/V per layer (slot = concept index) and the
-    cross-attention K/V (slot 0 = the null concept, slot k + 1 = concept k)."""
+    [B], the last boundary query prev_q = W_q h_{t-1} [B, d_scan], backbone K/V per layer (slot = concept index),
+    the cross-attention K/V (slot 0 = the null concept, slot k + 1 = concept k)."""
 
     J: jax.Array
     seg_sum: jax.Array
     seg_cnt: jax.Array
-    prev_h: jax.Array
+    prev_q: jax.Array
     backbone: tuple
     cross: KVCache
     counts: jax.Array | None = None  # replicated weighting only: [B, S] tokens replicating cross slot s

@@ -40,7 +40,8 @@ per layer); slot = position for token caches, slot = concept index for concept c
   `.counts` (replicated only): slot kk's multiplicity, the length of concept kk once it closed; all are
   rolled back by `J`, the number of closed concepts: slots beyond J are invisible (masks come from
   positions) and are overwritten before use;
-- per row: `J`, the open concept's running fp32 sum `seg_sum` and count `seg_cnt`, `prev_h` (= h_{t-1}).
+- per row: `J`, the open concept's running fp32 sum `seg_sum` and count `seg_cnt`, `prev_q` (= W_q h_{t-1},
+  the previous token's half of the boundary score, so a step projects only its own tokens).
 `extend` is parallel over its K tokens: the token stacks run as in the decoder, the boundaries need only
 h_{t-1} and h_t (and the cap the count before the block), the concepts closed inside the block (at most K)
 are packed into K backbone slots written at J..J+K-1 (the unused ones are garbage beyond the new J, hence
@@ -102,9 +103,11 @@ class DLCMConfig:
     d_scan: int = 0  # width of W_q / W_k; 0: d_model (then both start as the identity, as in H-Net)
     target_ratio: float = 4.0  # R: target tokens per concept
     aux_weight: float = 0.03  # lambda
-    sharpen: float = 6.0  # training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s)). The parser
-    #                       drives the SAMPLED rate to 1/R; draws at p < 1/2 never fire at evaluation, so the eval
-    #                       ratio overshoots R (dlcm_tiny, R = 8: +19% at s = 6, +12% at s = 16; R = 4: +6% at 6)
+    sharpen: float = 0.0  # s: training samples b ~ Bernoulli(p^(1/s) if p > 1/2 else 1 - (1-p)^(1/s)); 0: s =
+    #                       1.5 R (`sharpen_power`: 6 at R = 4, 12 at R = 8). The parser drives the SAMPLED rate
+    #                       to 1/R; draws at p < 1/2 never fire at evaluation, so the eval ratio overshoots R,
+    #                       more at a larger R unless s grows with it (dlcm_tiny, R = 8: +19% at s = 6, +12% at
+    #                       16, +9.9% at 12; R = 4: +6% at 6)
     eval_threshold: float = 0.5  # evaluation and decoding: b = [p >= eval_threshold]
     doc_start_id: int = 257  # this token always starts a concept (the data's document separator: the
     #                          tokenizer's EOS, written after every document by core/data.py); -1: none. A run
@@ -156,6 +159,11 @@ class DLCMConfig:
         return self.d_concept / self.mup_base_width if self.mup else 1.0
 
     @property
+    def sharpen_power(self) -> float:
+        """The sharpening power s of the training draws: `sharpen`, or 1.5 R when it is 0."""
+        return self.sharpen or 1.5 * self.target_ratio
+
+    @property
     def slot_rate(self) -> float:
         """Concept slots per token (the cap's slope), as float32 so that every path computes the same cap."""
         return float(np.float32(self.concept_slots / self.target_ratio))
@@ -196,8 +204,9 @@ class DLCMConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by cross_heads ({self.cross_heads})")
         if not self.target_ratio > 1.0:
             raise ValueError(f"target_ratio must be > 1; got {self.target_ratio}")
-        if self.aux_weight < 0 or not self.sharpen > 0:
-            raise ValueError(f"need aux_weight >= 0 and sharpen > 0; got {self.aux_weight}, {self.sharpen}")
+        if self.aux_weight < 0 or self.sharpen < 0:
+            raise ValueError(f"need aux_weight >= 0 and sharpen >= 0 (0: 1.5 R); got {self.aux_weight}, "
+                             f"{self.sharpen}")
         if not 0.0 < self.eval_threshold <= 1.0:
             raise ValueError(f"eval_threshold must be in (0, 1]; got {self.eval_threshold}")
         if not self.concept_slots > 0 or self.concept_slack < 1:
@@ -329,7 +338,7 @@ class ConceptPending(NamedTuple):
     J: jax.Array  # [B, K]
     seg_sum: jax.Array  # [B, K, d] fp32
     seg_cnt: jax.Array  # [B, K]
-    prev_h: jax.Array  # [B, K, d]
+    prev_q: jax.Array  # [B, K, d_scan]
 
 
 # ---- the model ----------------------------------------------------------------------------------------------
@@ -388,7 +397,7 @@ class DLCMLM(LM):
         if rng is None:
             bnd = p >= self.cfg.eval_threshold
         else:
-            bnd = jax.random.bernoulli(rng, jax.lax.stop_gradient(sharpen(p, self.cfg.sharpen)))
+            bnd = jax.random.bernoulli(rng, jax.lax.stop_gradient(sharpen(p, self.cfg.sharpen_power)))
         return bnd | self._forced(tokens, pos)
 
     def _forced(self, tokens, pos):
@@ -557,7 +566,7 @@ class DLCMLM(LM):
         # Each leaf is its own buffer: one shared zeros array cannot be donated twice.
         concept = ConceptCache(
             J=jnp.zeros((batch,), jnp.int32), seg_sum=jnp.zeros((batch, cfg.d_model), jnp.float32),
-            seg_cnt=jnp.zeros((batch,), jnp.int32), prev_h=jnp.zeros((batch, cfg.d_model), self.dtype),
+            seg_cnt=jnp.zeros((batch,), jnp.int32), prev_q=jnp.zeros((batch, cfg.scan_dim), self.dtype),
             backbone=tuple(blk.init_cache(batch, sc) for blk in self.bb_blocks),
             cross=KVCache(jnp.zeros(x_shape, self.dtype), jnp.zeros(x_shape, self.dtype)),
             counts=jnp.zeros((batch, sc), jnp.int32) if cfg.cross_weighting == "replicated" else None)
@@ -590,8 +599,9 @@ class DLCMLM(LM):
 
         # boundaries: token i closes the open concept iff it starts a new one at a position > 0 (the same
         # forced boundaries and slot cap as the full forward; n0 counts the open concept of a non-empty row)
-        h_prev = jnp.concatenate([cc.prev_h[:, None].astype(h.dtype), h[:, :-1]], axis=1)
-        raw = self._raw_boundaries(tokens_BxK, boundary_prob(self.w_q(h_prev), self.w_k(h)), pos)
+        q = self.w_q(h)
+        q_prev = jnp.concatenate([cc.prev_q[:, None].astype(q.dtype), q[:, :-1]], axis=1)
+        raw = self._raw_boundaries(tokens_BxK, boundary_prob(q_prev, self.w_k(h)), pos)
         n0 = j0 + (cache.lengths > 0).astype(jnp.int32)
         bnd, _ = capped_boundaries(raw, pos, n0, cfg.slot_rate, cfg.concept_slack)
         close = bnd & (pos > 0)
@@ -603,11 +613,6 @@ class DLCMLM(LM):
         in_open = (c_idx == 0)
         run_sum = run_sum + jnp.where(in_open[..., None], cc.seg_sum[:, None], 0.0)
         run_cnt = run_cnt + jnp.where(in_open, cc.seg_cnt[:, None], 0)
-        prev_sum = jnp.concatenate([cc.seg_sum[:, None], run_sum[:, :-1]], axis=1)
-        prev_cnt = jnp.concatenate([cc.seg_cnt[:, None], run_cnt[:, :-1]], axis=1)
-        dest = jnp.where(close, c_idx - 1, k)  # packed slot r of the concept closed at token i
-        packed_sum = jnp.zeros_like(prev_sum).at[rows, dest].set(prev_sum, mode="drop")
-        packed_cnt = jnp.zeros_like(prev_cnt).at[rows, dest].set(prev_cnt, mode="drop")
 
         # The concept path (backbone over the K packed slots at concept positions J0 .. J0+K-1, their cross
         # K/V, the null concept's K/V in slot 0, the replicated counts) runs only when some row closes a
@@ -619,6 +624,12 @@ class DLCMLM(LM):
 
         def concept_path(carry):
             bb_c, ck, cv, counts = carry
+            # the concepts closed in the block, packed: slot r holds the one closed by the r-th close
+            prev_sum = jnp.concatenate([cc.seg_sum[:, None], run_sum[:, :-1]], axis=1)
+            prev_cnt = jnp.concatenate([cc.seg_cnt[:, None], run_cnt[:, :-1]], axis=1)
+            dest = jnp.where(close, c_idx - 1, k)
+            packed_sum = jnp.zeros_like(prev_sum).at[rows, dest].set(prev_sum, mode="drop")
+            packed_cnt = jnp.zeros_like(prev_cnt).at[rows, dest].set(prev_cnt, mode="drop")
             zc = self._concepts_in(packed_sum, packed_cnt)
             bb = []
             for blk_m, c in zip(self.bb_blocks, bb_c):  # causal whatever the prefix
@@ -652,7 +663,7 @@ class DLCMLM(LM):
             dec.append(c)
 
         concept = cc._replace(backbone=tuple(bb), cross=KVCache(ck, cv), counts=counts)
-        pending = ConceptPending(J=j_after, seg_sum=run_sum, seg_cnt=run_cnt, prev_h=h)
+        pending = ConceptPending(J=j_after, seg_sum=run_sum, seg_cnt=run_cnt, prev_q=q)
         return self._out(x), Cache(cache.lengths, (*enc, concept, *dec), pending)
 
     def commit(self, cache: Cache, n_B) -> Cache:
@@ -672,5 +683,5 @@ class DLCMLM(LM):
 
         enc, cc, dec = self._split(cache.layers)
         concept = cc._replace(J=pick(pend.J, cc.J), seg_sum=pick(pend.seg_sum, cc.seg_sum),
-                              seg_cnt=pick(pend.seg_cnt, cc.seg_cnt), prev_h=pick(pend.prev_h, cc.prev_h))
+                              seg_cnt=pick(pend.seg_cnt, cc.seg_cnt), prev_q=pick(pend.prev_q, cc.prev_q))
         return Cache(cache.lengths + n, (*enc, concept, *dec))

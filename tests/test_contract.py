@@ -83,7 +83,7 @@ def live_state(cache: Cache):
         if isinstance(layer, KVCache):  # token positions
             out += _slots_live(layer, cache.lengths)
         elif isinstance(layer, ConceptCache):  # concept slots: backbone 0..J-1, cross 0 (null)..J
-            out += [layer.J, layer.seg_sum, layer.seg_cnt, layer.prev_h]
+            out += [layer.J, layer.seg_sum, layer.seg_cnt, layer.prev_q]
             for kv in layer.backbone:
                 out += _slots_live(kv, layer.J)
             out += _slots_live(layer.cross, layer.J + 1)

@@ -78,7 +78,7 @@ def concept(cache):
 def small_state(cache):
     c = concept(cache)
     return {"lengths": np.asarray(cache.lengths), **{k: np.asarray(getattr(c, k))
-                                                   for k in ("J", "seg_sum", "seg_cnt", "prev_h")}}
+                                                   for k in ("J", "seg_sum", "seg_cnt", "prev_q")}}
 
 
 # ---- causality ----------------------------------------------------------------------------------------------

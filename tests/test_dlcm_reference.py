@@ -121,3 +121,30 @@ def test_sharpen_and_eval_threshold(uniform_model):
         assert ((prob[~forced] > 0.45) & (prob[~forced] < 0.55)).any()  # p near 1/2: the threshold matters
         counts.append(bnd.sum())
     assert counts[1] < counts[0]
+
+
+def test_default_sharpening_is_one_and_a_half_r(uniform_model):
+    """sharpen = 0 (the default) samples the training boundaries at power s = 1.5 R (6 at R = 4, 12 at R = 8);
+    an explicit sharpen is used as given. Draws (one key, no cap at this length) are pinned to
+    Bernoulli(sharpen(p, s)) with p the model's own; the p near 1/2 make s = 6, 8, 12 and 1 draw differently."""
+    x = np.random.default_rng(3).integers(0, 256, (8, L)).astype(np.int32)
+    key = jax.random.key(7)
+    draws = {}
+    for ratio, s_cfg, s_want in ((4.0, 0.0, 6.0), (8.0, 0.0, 12.0), (8.0, 5.0, 5.0)):
+        cfg = DLCMConfig(**{**CFG, "concept_slack": 64}, target_ratio=ratio, sharpen=s_cfg)
+        assert cfg.sharpen_power == s_want
+        gdef, _ = nnx.split(nnx.eval_shape(lambda: DLCMLM(cfg, rngs=nnx.Rngs(0))))
+
+        @jax.jit
+        def run(t):
+            m = nnx.merge(gdef, nnx.state(uniform_model))
+            return m.boundaries(t)[0], m.boundaries(t, rng=key)[1]
+
+        prob, bnd = run(jnp.asarray(x))
+        want = np.asarray(jax.random.bernoulli(key, sharpen(prob, s_want)))
+        np.testing.assert_array_equal(np.asarray(bnd), want, err_msg=f"R {ratio}, sharpen {s_cfg}")
+        for other in (1.0, 6.0, 8.0, 12.0):  # the test tells these powers apart
+            if other != s_want:
+                assert (np.asarray(jax.random.bernoulli(key, sharpen(prob, other))) != want).any(), other
+        draws[ratio, s_cfg] = np.asarray(bnd)
+    assert (draws[4.0, 0.0] != draws[8.0, 0.0]).any()
