@@ -47,7 +47,9 @@ def spec_default_options() -> dict:
     product of a verify step into a `ynn_fusion` gemm that costs ~4x the one-row gemv of a plain step
     (decoder_s0, scripts/profile_spec.py --ops); with it off the same loop ran 20-25% less CPU time per step at
     every verify size (0.71 -> 0.57 ms at 1+1, 0.78 -> 0.60 ms at 1+4, interleaved in one process, load ~7).
-    Only the speculative loop is compiled so; prefill and the plain loop keep XLA's defaults."""
+    dlcm_s0 gained at 1+4 (2.95x -> 2.40x plain) but samba_s0 lost (1+1 2.03x -> 2.55x): there
+    `Engine(spec_compiler_options={})` keeps XLA's default. Only the speculative loop is compiled so;
+    prefill and the plain loop keep XLA's defaults."""
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
