@@ -29,6 +29,7 @@ from core.errors import UserError
 from decode.loops import Loops
 from decode.request import Limits, Request, Result, check_prompt, prepare
 from decode.speculation import Host, SpeculativeRun, observing
+from models.mamba import Mamba
 
 VERIFY_SIZES = (0, 1, 2, 4, 8, 16)  # 0: no draft this step, a plain step inside the loop
 
@@ -42,15 +43,19 @@ def default_max_draft() -> int:
     return 4 if jax.default_backend() == "cpu" else 16
 
 
-def spec_default_options() -> dict:
-    """XLA options for the speculative loop. On CPU, YNNPACK fusion off: XLA:CPU 0.10 turns every 2-17 row
-    product of a verify step into a `ynn_fusion` gemm that costs ~4x the one-row gemv of a plain step
-    (decoder_s0, scripts/profile_spec.py --ops); with it off the same loop ran 20-25% less CPU time per step at
-    every verify size (0.71 -> 0.57 ms at 1+1, 0.78 -> 0.60 ms at 1+4, interleaved in one process, load ~7).
-    dlcm_s0 gained at 1+4 (2.95x -> 2.40x plain) but samba_s0 lost (1+1 2.03x -> 2.55x): there
-    `Engine(spec_compiler_options={})` keeps XLA's default. Only the speculative loop is compiled so;
-    prefill and the plain loop keep XLA's defaults."""
-    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
+def spec_default_options(model=None) -> dict:
+    """XLA options for the speculative loop. On CPU, YNNPACK fusion off for models without Mamba layers: XLA:CPU
+    0.10 turns every 2-17 row product of a verify step into a `ynn_fusion` gemm that costs ~4x the one-row gemv
+    of a plain step (decoder_s0, scripts/profile_spec.py --ops); with it off the same loop ran 20-25% less CPU
+    time per step at every verify size (0.71 -> 0.57 ms at 1+1, 0.78 -> 0.60 ms at 1+4, interleaved in one
+    process, load ~7), and dlcm_s0 gained at 1+4 (2.95x -> 2.40x plain). samba_s0 lost (1+1 2.03x -> 2.55x, same
+    A/B), so a model with a Mamba layer keeps XLA's default; so does `Engine(spec_compiler_options={})`. Only
+    the speculative loop is compiled so; prefill and the plain loop keep XLA's defaults."""
+    if jax.default_backend() != "cpu":
+        return {}
+    if model is not None and any(isinstance(m, Mamba) for _, m in nnx.iter_graph(model)):
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def verify_sizes_for(max_draft: int) -> tuple:
@@ -106,7 +111,7 @@ class Engine:
         self._loops = Loops(graphdef, params_def, max_len=self.max_len, pad_id=self.pad_id,
                             verify_sizes=self.verify_sizes, prefix_prompt=self.prefix_prompt,
                             host_call=self._host.call, max_stretch=self.max_stretch,
-                            spec_compiler_options=(spec_default_options() if spec_compiler_options is None
+                            spec_compiler_options=(spec_default_options(model) if spec_compiler_options is None
                                                    else spec_compiler_options))
         self._verify_cost: dict = {}  # batch size -> VerifyCost, measured once (verify_cost)
         self._observed: dict = {}  # batch size -> ObservedCost, corrected by every request (observed_cost)

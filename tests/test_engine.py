@@ -471,3 +471,17 @@ def test_decode_imports_nothing_from_train(run_dir):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_speculative_loop_options_keep_xla_default_for_mamba_models(model):
+    """YNNPACK fusion is switched off for the speculative loop only where it was measured to help (attention-only
+    models); a model with a Mamba layer keeps XLA's default (its verify was slower without it)."""
+    from decode.engine import spec_default_options
+    from models.samba import SambaConfig, SambaLM
+
+    samba = SambaLM(SambaConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=8,
+                                d_state=4), rngs=nnx.Rngs(0))
+    assert spec_default_options(samba) == {}
+    assert spec_default_options(model) == (
+        {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {})
+    assert Engine(samba, max_len=64)._loops.spec_options == {}
