@@ -86,7 +86,11 @@ class Loops:
     def _model(self, params):
         # A flat list of arrays, not the nnx.State (see Engine.__init__: flattening the State's Variable nodes
         # in Python on every call cost ~1.4 ms per verify step).
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.params_def, params))
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self.params_def, params))
+        prepare = getattr(model, "prepare_decoding", None)
+        if prepare is not None:  # per-call work outside the step loops (models.base.LM.prepare_decoding)
+            prepare()
+        return model
 
     # ---- prefill ----------------------------------------------------------------------------------
     def _prefill(self, params, tokens_BxS, plen_B, keys_Bx2, max_new_B, stop_S, knobs: Knobs, *, observe_k: int):

@@ -31,14 +31,14 @@ def dense(d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs, dtype, param_dt
     return Projection(d_in, (d_out,), axes, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scale=scale)
 
 
-def tokens_matmul(x, w_DxN):
+def tokens_matmul(x, w_DxN, preferred_element_type=None):
     """x[..., D] @ w[D, N] as ONE 2-D product over the flattened tokens [prod(...), D].
 
     XLA:CPU otherwise keeps the batched [B, L, D] operand: the weight gradient then contracts over two
     dimensions (B and L) and the forward output is relaid out before the next op (copy fusions around each
     product in the profile). Flattened, the forward, the input gradient and the weight gradient are each one
     plain GEMM on contiguous operands. Same products and sums: equal to the 3-D dot to fp32 rounding."""
-    y = jnp.reshape(x, (-1, x.shape[-1])) @ w_DxN
+    y = jnp.matmul(jnp.reshape(x, (-1, x.shape[-1])), w_DxN, preferred_element_type=preferred_element_type)
     return jnp.reshape(y, (*x.shape[:-1], w_DxN.shape[1]))
 
 
