@@ -27,6 +27,7 @@ CPU; accelerators can raise `alpha` and `max_len` (SAM-Decoding used chains of u
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numba
@@ -90,27 +91,34 @@ class ObservedCost:
     def __init__(self, base: VerifyCost, weight: float = 16.0, memory: int = 64):
         self.base, self.w, self.memory = base, float(weight), int(memory)
         self.sizes = base.sizes
-        self.mean = np.zeros(len(self.sizes))
-        self.n = np.zeros(len(self.sizes))
+        # plain Python floats: this runs once per verify step, where numpy's per-call overhead on six numbers
+        # cost more than the arithmetic
+        self._mean = [0.0] * len(self.sizes)
+        self._n = [0] * len(self.sizes)
         self._cost: tuple | None = None
+
+    n = property(lambda self: np.asarray(self._n), doc="observations per size (capped at `memory`)")
+    mean = property(lambda self: np.asarray(self._mean), doc="running mean of the observed cost per size")
 
     def observe(self, size: int, seconds: float) -> None:
         if size not in self.sizes or not seconds > 0:
             return
         i = self.sizes.index(size)
-        self.n[i] = min(self.n[i] + 1, self.memory)  # a running mean that forgets beyond `memory` steps
-        self.mean[i] += (seconds - self.mean[i]) / self.n[i]
+        self._n[i] = min(self._n[i] + 1, self.memory)  # a running mean that forgets beyond `memory` steps
+        self._mean[i] += (seconds - self._mean[i]) / self._n[i]
         self._cost = None
 
     @property
     def cost(self) -> tuple:
         if self._cost is None:
-            base = np.asarray(self.base.cost, np.float64)
-            seen = self.n > 0
-            load = float(np.exp(np.average(np.log(self.mean[seen] / base[seen]), weights=self.n[seen]))) \
-                if seen.any() else 1.0
-            c = (self.w * base * load + self.n * self.mean) / (self.w + self.n)
-            self._cost = tuple(float(min(c[i:])) for i in range(len(c)))
+            base = [float(b) for b in self.base.cost]
+            seen = [(n, m, b) for n, m, b in zip(self._n, self._mean, base) if n > 0]
+            load = math.exp(sum(n * math.log(m / b) for n, m, b in seen) / sum(n for n, _, _ in seen)) \
+                if seen else 1.0
+            c = [(self.w * b * load + n * m) / (self.w + n) for b, n, m in zip(base, self._n, self._mean)]
+            for i in range(len(c) - 2, -1, -1):  # never decreasing in size
+                c[i] = min(c[i], c[i + 1])
+            self._cost = tuple(c)
         return self._cost
 
     @property
@@ -189,12 +197,15 @@ class Acceptance:
 def best_length(rate: float, available: int, k: int, cost: VerifyCost) -> tuple[int, float]:
     """(n, value): the draft length n <= min(available, k) that maximises expected tokens emitted per unit
     of verify cost, (1 + a + ... + a^n) / cost.of(n), and that value; n = 0 is a plain step."""
-    best_n, best_v = 0, 1.0 / cost.of(0)
-    expected, term = 1.0, 1.0
-    for n in range(1, min(available, k, cost.max_size) + 1):
+    sizes, costs = cost.sizes, cost.cost  # read once: `of(n)` is the first size >= n
+    best_n, best_v = 0, 1.0 / costs[0]
+    expected, term, j = 1.0, 1.0, 0
+    for n in range(1, min(available, k, sizes[-1]) + 1):
         term *= rate
         expected += term
-        v = expected / cost.of(n)
+        while sizes[j] < n:
+            j += 1
+        v = expected / costs[j]
         if v > best_v * (1 + 1e-9):
             best_n, best_v = n, v
     return best_n, best_v
@@ -462,9 +473,12 @@ class SAMDrafter(Drafter):
         if self._last is not None:
             source, length, drafted = self._last
             self._last = None
-            tokens_ = np.asarray(tokens).reshape(-1)
-            m = min(len(drafted), len(tokens_))
-            acc = int(np.argmin(np.append(drafted[:m] == tokens_[:m], False)))  # common prefix
+            tokens_ = np.asarray(tokens).reshape(-1).tolist()
+            acc = 0  # the common prefix (plain Python: a few tokens, once per verify step)
+            for a, t in zip(drafted.tolist(), tokens_):
+                if a != t:
+                    break
+                acc += 1
             # a draft cut by a stop id or the budget is no evidence of a rejection
             self.acceptance.record(source, length, len(drafted) if acc < len(tokens_) else acc, acc)
         self.dynamic.commit(tokens)

@@ -98,7 +98,6 @@ class SpeculativeRun:
         self.observed_cost, self.sizes = observed_cost, tuple(sizes)
         self._t = None
         self.on_tokens = on_tokens  # on_tokens(row, new ids) as rows emit (streaming); its errors end the run
-        self.stops_arr = np.asarray(sorted(int(s) for s in req.stop_S if s >= 0), np.int64)
         # Only drafters that declare `observes` get the top-k ids (observe_k is 0 when none does).
         self.observes = [bool(observe_k) and d.observes for d in drafters]
         self.kmax, self.pad_id, self.vocab_size = int(max_verify), int(pad_id), int(vocab_size)
@@ -133,13 +132,14 @@ class SpeculativeRun:
         self.inputs[:] = self.pad_id
         self.inputs[:, 0] = self.pending
         self.draft_len[:] = 0
-        for i in np.flatnonzero(self.live):
+        for i in np.flatnonzero(self.live).tolist():
             room = min(self.kmax, int(max_new[i]) - len(self.emitted[i]) - 1)
             if room > 0:
                 d = np.asarray(self.drafters[i].draft(room)).reshape(-1)[:room]
-                if d.size and (d.min() < 0 or d.max() >= vocab):  # a drafter bug, not user input
-                    raise ValueError(f"drafter {i} proposed token ids outside [0, {vocab}): {d}")
-                self.inputs[i, 1:1 + d.size] = d
+                if d.size:
+                    if d.min() < 0 or d.max() >= vocab:  # a drafter bug, not user input
+                        raise ValueError(f"drafter {i} proposed token ids outside [0, {vocab}): {d}")
+                    self.inputs[i, 1:1 + d.size] = d
                 self.draft_len[i] = d.size
         self.draft_s += time.perf_counter() - td
         return self.inputs.copy(), self.draft_len.copy(), self.live.copy()
@@ -163,37 +163,41 @@ class SpeculativeRun:
         smallest size holding the longest draft, or (one step, no draft) a plain step."""
         t = time.process_time()
         if self._t is not None and self.observed_cost is not None and self.sizes:
-            longest = int(self.draft_len[self.live].max()) if self.live.any() else 0
+            live = np.flatnonzero(self.live)
+            longest = int(self.draft_len[live].max()) if live.size else 0
             if longest or int(steps_B.max()) == 1:
                 size = next((k for k in self.sizes if k >= longest), self.sizes[-1])
                 self.observed_cost.observe(size, t - self._t)
         self._t = t
 
     def _emit(self, out_BxW, counts_B, steps_B, topk_BxWxO):
+        # Runs once per verify step: plain Python over small lists (numpy's per-call overhead on 1-5 tokens,
+        # e.g. np.isin's ~40 us, was most of the host's time per step).
         self._observe_cost(steps_B)
         self.calls += 1
         td = time.perf_counter()
-        max_new = self.req.max_new_B
-        for i in np.flatnonzero(self.live):
-            new = out_BxW[i, :counts_B[i]]
+        max_new, stops = self.req.max_new_B, self.stops
+        for i in np.flatnonzero(self.live).tolist():
+            emitted = self.emitted[i]
             stretch = self.draft_len[i] == 0  # a plain stretch: the inputs were pending, then new[:-1]
-            new = new[:int(max_new[i]) - len(self.emitted[i])]
-            hit = np.flatnonzero(np.isin(new, self.stops_arr)) if self.stops_arr.size else ()
-            if len(hit):
-                new = new[:hit[0] + 1]
+            new = out_BxW[i, :min(int(counts_B[i]), int(max_new[i]) - len(emitted))].tolist()
+            hit = next((j for j, t in enumerate(new) if t in stops), -1) if stops else -1
+            if hit >= 0:
+                new = new[:hit + 1]
             if self.observes[i]:
                 if stretch:
-                    self.drafters[i].observe(np.append(self.pending[i], new[:-1]).astype(np.int32),
+                    self.drafters[i].observe(np.asarray([self.pending[i], *new[:-1]], np.int32),
                                              topk_BxWxO[i, :len(new)])
                 else:
                     n = self.draft_len[i] + 1
                     self.drafters[i].observe(self.inputs[i, :n], topk_BxWxO[i, :n])
-            self.emitted[i].extend(new.tolist())
+            emitted.extend(new)
             self.steps[i] += int(steps_B[i]) if stretch else 1
             self.pending[i] = new[-1]
-            if len(hit) or len(self.emitted[i]) >= max_new[i]:
+            if hit >= 0 or len(emitted) >= max_new[i]:
                 self.live[i] = False
-            self.drafters[i].accept(new)
+            new_arr = np.asarray(new, np.int32)
+            self.drafters[i].accept(new_arr)
             if self.on_tokens is not None:
-                self.on_tokens(i, new)
+                self.on_tokens(i, new_arr)
         self.draft_s += time.perf_counter() - td
