@@ -2,7 +2,7 @@
 
     python scripts/bench_spec.py --runs runs/decoder_tiny runs/samba_tiny runs/dlcm_tiny \
         --prompts configs/prompts/spec_kinds.jsonl --out bench_spec.json [--max-new-tokens 64] [--repeats 3]
-        [--drafters pld,sam,sam:paper] [--max-draft 4]
+        [--drafters pld,sam,sam:paper,oracle] [--max-draft 4] [--sam DIR]
     python scripts/bench_spec.py --configs configs/decoder_tiny.toml configs/samba_tiny.toml ... --out v.json
         (verify cost only, random init)
 
@@ -13,7 +13,9 @@ the issue targets: 1 + 4 tokens <= 1.5x a plain step on decoder_tiny). For runs,
 (batch 1, greedy) plainly and with every drafter, the variants alternating in one process for --repeats
 rounds; each prompt's median time per variant is kept, and a kind's speedup is the sum of its plain
 medians over the sum of its drafter medians. Greedy outputs must equal plain (checked). `sam:paper` is sam
-with SAM-Decoding's published l_bias/l_threshold rule; `sam` uses the cost rule. On a shared machine, the
+with SAM-Decoding's published l_bias/l_threshold rule; `sam` uses the cost rule. `oracle` drafts the plain
+greedy continuation itself (max-draft tokens, all accepted): the speedup no drafter can beat with this engine,
+model and machine at this max draft (the bound the verify cost sets). On a shared machine, the
 medians and ratios are what to quote. Writes JSON (`verify`, `rows`) and prints markdown tables.
 """
 
@@ -64,6 +66,29 @@ def verify_table(name: str, engine: Engine, rounds: int) -> dict:
             "ratio": {str(k): float(x) / p for k, x in zip(sizes, c)}}
 
 
+class OracleDrafter:
+    """Drafts the reference (plain greedy) continuation: every draft is accepted, so MAT = max draft + 1 and the
+    speedup is the ceiling the verify cost allows. A benchmark device, not a drafter for use."""
+
+    observes = False
+
+    def __init__(self, reference):
+        self.ref = np.asarray(reference, np.int32)
+        self.pos = 0
+
+    def reset(self, prompt):
+        self.pos = 0
+
+    def draft(self, k):
+        return self.ref[self.pos:self.pos + k]
+
+    def accept(self, tokens):
+        self.pos += len(tokens)
+
+    def observe(self, inputs, topk):
+        pass
+
+
 def make_maker(variant: str, engine, cost, max_draft: int, sam):
     from decode.drafters import Acceptance, make_drafter
 
@@ -81,7 +106,7 @@ def bench_run(run_dir: str, items: list, variants: list, args) -> tuple[dict, li
     arch = cfg.model.arch
     ids = encode_all(engine, tok, items, args.max_new_tokens)
     sam = None
-    sam_dir = Path(run_dir) / "sam"
+    sam_dir = Path(args.sam) if args.sam else Path(run_dir) / "sam"
     if (sam_dir / "header.json").is_file() and any(v.startswith("sam") for v in variants):
         from decode.eval import static_automaton
         sam = static_automaton(sam_dir, cfg, tok)
@@ -90,16 +115,19 @@ def bench_run(run_dir: str, items: list, variants: list, args) -> tuple[dict, li
                       else (False, True))
     verify = verify_table(arch, engine, args.verify_rounds)
     cost = engine.observed_cost(1)
-    makers = {v: make_maker(v, engine, cost, args.max_draft, sam) for v in variants if v != "none"}
+    makers = {v: make_maker(v, engine, cost, args.max_draft, sam) for v in variants if v not in ("none", "oracle")}
+    if "oracle" in variants:
+        makers["oracle"] = None  # made per prompt from the plain output of the same round
     kw = dict(max_new_tokens=args.max_new_tokens, stop_ids=())
     times: dict = {v: [[] for _ in ids] for v in ["none"] + list(makers)}
     res: dict = {}
     for r in range(args.repeats):
         for i, p in enumerate(ids):
-            for v in times:  # alternate the variants prompt by prompt
+            for v in times:  # alternate the variants prompt by prompt ("none" first: the oracle copies its output)
+                drafter = None if v == "none" else \
+                    OracleDrafter(res[("none", i)].tokens[0]) if v == "oracle" else makers[v]()
                 t0 = time.perf_counter()
-                out = engine.generate([p], **kw) if v == "none" else \
-                    engine.generate_speculative([p], [makers[v]()], **kw)
+                out = engine.generate([p], **kw) if v == "none" else engine.generate_speculative([p], [drafter], **kw)
                 times[v][i].append(time.perf_counter() - t0)
                 res[(v, i)] = out
         print(f"[bench_spec {arch}] round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
@@ -154,7 +182,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="*", default=[])
     ap.add_argument("--configs", nargs="*", default=[], help="verify cost only, random init of each config's model")
     ap.add_argument("--prompts", default=str(ROOT / "configs/prompts/spec_kinds.jsonl"))
-    ap.add_argument("--drafters", default="pld,sam,sam:paper")
+    ap.add_argument("--drafters", default="pld,sam,sam:paper,oracle")
+    ap.add_argument("--sam", help="static suffix automaton directory for every run (default: RUN_DIR/sam; the "
+                    "study keeps one at <study out>/sam)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-draft", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
@@ -165,6 +195,14 @@ def main(argv=None) -> int:
         raise UserError("give --runs and/or --configs")
     args.max_draft = args.max_draft or default_max_draft()
     variants = [v for v in args.drafters.split(",") if v]
+    from decode.drafters import DRAFTERS, RULES
+
+    bad = [v for v in variants if v != "oracle" and (v.partition(":")[0] not in DRAFTERS
+                                                     or v.partition(":")[2] not in ("",) + RULES)]
+    if bad or not variants:
+        raise UserError(f"unknown drafter {bad[0] if bad else args.drafters!r} in --drafters; valid: "
+                        f"{', '.join(DRAFTERS)} (sam and sam+recycle also as NAME:RULE, RULE one of "
+                        f"{', '.join(RULES)}), oracle")
     verify, rows = [], []
     for c in args.configs:
         from core.config import load_config
