@@ -559,6 +559,31 @@ class SAMDrafter(Drafter):
         return _EMPTY
 
 
+class ReferenceDrafter(Drafter):
+    """Drafts a given continuation of the prompt (`reference`): with the model's own plain greedy output, every
+    draft is accepted, so MAT is the max draft + 1 and the speedup is the ceiling that the verify cost sets for
+    this engine, model and machine (decode.eval's and the study's `oracle`). A yardstick, not a drafter."""
+
+    name = "oracle"
+
+    def __init__(self, reference, policy: DraftPolicy | None = None):
+        super().__init__(policy)
+        self.ref = np.asarray(reference, np.int32).reshape(-1)
+        self.pos = 0
+
+    def reset(self, prompt_tokens: np.ndarray) -> None:
+        super().reset(prompt_tokens)
+        self.pos = 0
+
+    def draft(self, k: int) -> np.ndarray:
+        out = self.ref[self.pos:self.pos + k]
+        self.last_source = "reference" if out.size else "none"
+        return out
+
+    def accept(self, tokens: np.ndarray) -> None:
+        self.pos += len(tokens)
+
+
 DRAFTERS = ("none", "pld", "recycle", "sam", "sam+recycle")
 
 

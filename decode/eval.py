@@ -1,11 +1,13 @@
 """Decoding evaluation: tokens/s, MAT and speedup of a drafter against plain decoding on the same prompts.
 
-    python -m decode.eval RUN_DIR --prompts FILE.jsonl --drafter {none,pld,recycle,sam,sam+recycle}
+    python -m decode.eval RUN_DIR --prompts FILE.jsonl --drafter {none,pld,recycle,sam,sam+recycle,oracle}
         --out report.json [--max-new-tokens N --batch-size B --sam DIR --step S --temperature T ...]
 
 A speculative drafter is compared with plain decoding (`none`) run in the same process on the same prompts,
 both after compiling every function they use, so that compilation is in neither timing. At temperature 0
 the speculative outputs must equal the plain ones; the report says whether they did (`matches_plain`).
+`oracle` (greedy only) drafts the plain pass's own output, so every draft is accepted: its speedup is the
+ceiling that the verify cost sets at this max draft, the yardstick for the real drafters.
 The static automaton of the `sam` drafters is read from --sam (default RUN_DIR/sam) and refused unless it
 was built from this run's corpus and tokenizer. A run trained as a prefix LM reads its prompts as a
 bidirectional prefix (--prefix/--no-prefix overrides). User errors: one line on stderr, exit status 2, no
@@ -65,6 +67,9 @@ def warm_drafter(drafter, prompt, k: int) -> None:
     drafter.reset(np.asarray(prompt))
 
 
+ORACLE = "oracle"  # drafts the plain pass's output: the ceiling (decode.drafters.ReferenceDrafter)
+
+
 def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int, make=None, label: str = ""):
     """Decode all prompts in padded batches; one Result for all of them.
 
@@ -80,8 +85,9 @@ def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int
         if drafter == "none":
             res = engine.generate(batch, batch_size=batch_size, seed=seeds, **kw)
         else:
-            res = engine.generate_speculative(batch, [make() for _ in batch], batch_size=batch_size, seed=seeds,
-                                              **kw)
+            rows = range(b * batch_size, b * batch_size + len(batch))
+            ds = [make(i) for i in rows] if drafter == ORACLE else [make() for _ in batch]
+            res = engine.generate_speculative(batch, ds, batch_size=batch_size, seed=seeds, **kw)
         results.append(res)
         done = Result.concat(results)
         print(f"[eval {label or drafter}] batch {b + 1}/{n_batches}: {done.n_tokens} tokens, "
@@ -94,7 +100,8 @@ def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m decode.eval", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--prompts", required=True)
-    ap.add_argument("--drafter", default="none", help="none, pld, recycle, sam or sam+recycle; a comma-separated "
+    ap.add_argument("--drafter", default="none", help="none, pld, recycle, sam, sam+recycle or oracle (the ceiling: "
+                    "drafts plain decoding's own output; greedy only); a comma-separated "
                     "list runs them side by side in one process against one plain baseline (then --out is a "
                     "directory that receives eval_<drafter>.json per drafter)")
     ap.add_argument("--out", required=True)
@@ -117,7 +124,7 @@ def main(argv=None) -> int:
                     "per measured verify cost (default), or SAM-Decoding's published l_bias/l_threshold selection")
     args = ap.parse_args(argv)
 
-    from decode.drafters import DRAFTERS, Acceptance, DraftPolicy, make_drafter
+    from decode.drafters import DRAFTERS, Acceptance, DraftPolicy, ReferenceDrafter, make_drafter
     from decode.engine import engine_for_run, prefix_note
     from decode.prompts import encode_all, read_prompts
     from core import compile_cache
@@ -125,10 +132,13 @@ def main(argv=None) -> int:
     compile_cache.enable()  # $LMARCH_COMPILE_CACHE or ~/.cache/lmarch/jax: a rerun loads, not compiles
 
     drafters = [d for d in args.drafter.split(",") if d]
-    valid = list(DRAFTERS)
+    valid = list(DRAFTERS) + [ORACLE]
     bad = [d for d in drafters if d not in valid]
     if not drafters or bad:
         raise UserError(f"unknown drafter {bad[0] if bad else args.drafter!r}; valid: {', '.join(valid)}")
+    if ORACLE in drafters and args.temperature != 0:
+        raise UserError(f"--drafter oracle drafts plain greedy output: it needs --temperature 0; got "
+                        f"{args.temperature}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.repeats < 1:
@@ -155,7 +165,7 @@ def main(argv=None) -> int:
     # Compile, before anything is timed, the speculative loop variants these drafters need: with the
     # verifier's top-k ids only if one of them observes (Token Recycling), without them otherwise.
     observe = sorted({make_drafter(name, vocab_size=engine.vocab_size).observes
-                      for name in drafters if name != "none"})
+                      for name in drafters if name not in ("none", ORACLE)})
     for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
         engine.warmup(bs, longest, speculative=bool(observe), observe=observe)
     # The verify cost per size on this machine, measured once: the "cost" rule sizes sam's drafts by it.
@@ -166,8 +176,10 @@ def main(argv=None) -> int:
             name, vocab_size=engine.vocab_size, static_sam=sam, cost=cost, history=h, max_len=max_draft,
             min_len=min(max_draft, DraftPolicy().min_len), rule=args.rule)
     for name in drafters:
-        if name != "none":
+        if name not in ("none", ORACLE):
             warm_drafter(makers[name](), ids[0], max_draft)
+    # "none" runs first in every repeat: the oracle drafts that pass's output (it is the same in every pass)
+    makers[ORACLE] = lambda i: ReferenceDrafter(passes["none"][-1].tokens[i])  # noqa: E731
     passes: dict = {name: [] for name in ["none"] + [d for d in drafters if d != "none"]}
     for r in range(args.repeats):  # interleaved, so that plain and speculative share the machine's mood
         for name in passes:
@@ -221,6 +233,7 @@ def write_report(args, drafter, items, engine, max_draft, bs, base, spec, out: P
                     for i, (it, t, s) in enumerate(zip(items, spec.tokens, spec.steps))],
         "by_kind": by_kind(items, base, spec),
         "rule": args.rule if drafter.startswith("sam") else None,
+        "bound": drafter == ORACLE,
         "verify_cost_ms": ({str(k): 1e3 * c for k, c in zip(cost.sizes, cost.cost)} if cost is not None
                            and drafter.startswith("sam") else None),
         "per_prompt": [{"id": it["id"], "n_tokens": len(t), "steps": s, "mat": spec.row_mat(i),

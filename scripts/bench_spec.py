@@ -66,29 +66,6 @@ def verify_table(name: str, engine: Engine, rounds: int) -> dict:
             "ratio": {str(k): float(x) / p for k, x in zip(sizes, c)}}
 
 
-class OracleDrafter:
-    """Drafts the reference (plain greedy) continuation: every draft is accepted, so MAT = max draft + 1 and the
-    speedup is the ceiling the verify cost allows. A benchmark device, not a drafter for use."""
-
-    observes = False
-
-    def __init__(self, reference):
-        self.ref = np.asarray(reference, np.int32)
-        self.pos = 0
-
-    def reset(self, prompt):
-        self.pos = 0
-
-    def draft(self, k):
-        return self.ref[self.pos:self.pos + k]
-
-    def accept(self, tokens):
-        self.pos += len(tokens)
-
-    def observe(self, inputs, topk):
-        pass
-
-
 def make_maker(variant: str, engine, cost, max_draft: int, sam):
     from decode.drafters import Acceptance, make_drafter
 
@@ -99,6 +76,7 @@ def make_maker(variant: str, engine, cost, max_draft: int, sam):
 
 
 def bench_run(run_dir: str, items: list, variants: list, args) -> tuple[dict, list]:
+    from decode.drafters import ReferenceDrafter
     from decode.prompts import encode_all
 
     sizes = verify_sizes_for(args.max_draft)
@@ -125,7 +103,7 @@ def bench_run(run_dir: str, items: list, variants: list, args) -> tuple[dict, li
         for i, p in enumerate(ids):
             for v in times:  # alternate the variants prompt by prompt ("none" first: the oracle copies its output)
                 drafter = None if v == "none" else \
-                    OracleDrafter(res[("none", i)].tokens[0]) if v == "oracle" else makers[v]()
+                    ReferenceDrafter(res[("none", i)].tokens[0]) if v == "oracle" else makers[v]()
                 t0 = time.perf_counter()
                 out = engine.generate([p], **kw) if v == "none" else engine.generate_speculative([p], [drafter], **kw)
                 times[v][i].append(time.perf_counter() - t0)

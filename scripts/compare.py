@@ -89,7 +89,7 @@ def read_run(run_dir: Path) -> dict:
             "evals": evals, "steps": metrics[-1]["step"] if metrics else 0}
 
 
-ORDER = ["none", "pld", "recycle", "sam", "sam+recycle"]
+ORDER = ["none", "pld", "recycle", "sam", "sam+recycle", "oracle"]
 
 
 def drafter_order(runs: list[dict]) -> list[str]:
@@ -283,10 +283,11 @@ def load_study(path: Path, out: Path | None = None) -> Study:
     drafters = ev["drafters"]
     if not isinstance(drafters, list) or not all(isinstance(d, str) for d in drafters):
         raise UserError(f"eval.drafters must be a list of names; valid: {', '.join(DRAFTERS)}")
-    bad = [d for d in drafters if d not in DRAFTERS or d == "none"]
+    bad = [d for d in drafters if (d not in DRAFTERS and d != "oracle") or d == "none"]
     if bad:
         raise UserError(f"unknown drafter {bad[0]!r} in eval.drafters; valid: "
-                        f"{', '.join(d for d in DRAFTERS if d != 'none')} (plain decoding is always measured)")
+                        f"{', '.join(d for d in DRAFTERS if d != 'none')}, oracle (the ceiling: drafts the plain "
+                        f"output itself) (plain decoding is always measured)")
     for key in ("contexts", "decode_batches", "extrapolation"):
         _ints(f"eval.{key}", ev[key])
     for key in ("n_prompts", "prompt_tokens", "new_tokens", "repeats", "decode_prompt_len", "latency_steps",
@@ -896,6 +897,7 @@ def report_tables(rep: dict) -> str:
     parts += ["\n### Decoding speed and context (batch 1 latency, cache bytes per sequence)\n", render(head, rows)]
     drafters = list(runs[0]["drafters"]) if runs else []
     head = ["run", "plain tok/s"] + [x for d in drafters for x in (f"{d} MAT", f"{d} speedup", f"{d} exact")]
+    # oracle: the ceiling (drafts the plain output itself), not a drafter one could use
     rows = []
     for r in runs:
         plain = next(iter(r["drafters"].values()))["plain_tokens_per_s"] if r["drafters"] else 0
@@ -946,9 +948,21 @@ def summary_lines(rep: dict) -> list[str]:
         out.append(f"Latency from context {lo} to {hi}: " + ", ".join(f"{k} {v:.2f}x" for k, v in growth.items())
                    + f"; flattest: **{flat}**. Smallest cache at {hi}: **{small}** ({_bytes(cache[small])}).")
     pairs = [(r["name"], d, v) for r in runs for d, v in r["drafters"].items()]
-    if pairs:
-        n, d, v = max(pairs, key=lambda x: x[2]["speedup"])
+    real = [x for x in pairs if x[1] != "oracle"]
+    if real:
+        n, d, v = max(real, key=lambda x: x[2]["speedup"])
         out.append(f"Best speculation: **{d} on {n}**, {v['speedup']:.2f}x plain (MAT {v['mat']:.2f}).")
+    bound = {r["name"]: r["drafters"]["oracle"] for r in runs if "oracle" in r["drafters"]}
+    if bound:
+        k = next(iter(bound.values())).get("max_draft")
+        best = {r["name"]: max((v for d, v in r["drafters"].items() if d != "oracle"), key=lambda v: v["speedup"],
+                               default=None) for r in runs}
+        out.append(f"Ceiling (the oracle drafts plain decoding's own output, so all {k} draft tokens are accepted): "
+                   + ", ".join(f"{n} {v['speedup']:.2f}x" + (f" (best real drafter {best[n]['speedup']:.2f}x)"
+                                                            if best.get(n) else "") for n, v in bound.items())
+                   + ". Where the ceiling itself is near 1x, a verify step costs about as much as the plain steps "
+                     "it replaces on this machine, and no drafter can make speculation pay.")
+    if pairs:
         inexact = [f"{n}/{d} ({v['exact']}/{v['n_prompts']})" for n, d, v in pairs if v["exact"] != v["n_prompts"]]
         out.append("Greedy speculative output equals plain decoding on every prompt for every run and drafter."
                    if not inexact else f"NOT exact: {', '.join(inexact)}.")

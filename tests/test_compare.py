@@ -142,6 +142,12 @@ def test_report_of_several_runs_and_seeds(study):
     assert "| samba" in md and "± 0.100" in md
     assert "Lowest validation bits/byte at the matched budget: **samba**" in md
     assert "NOT exact: samba/sam (1/2)" in md
+    # the oracle (the ceiling) is reported as such and never as the best drafter
+    for run in rep["runs"]:
+        run["drafters"]["oracle"] = dict(run["drafters"]["sam"], speedup=9.5, mat=5.0, exact=2)
+    md = compare.render_report(rep)
+    assert "Best speculation: **oracle" not in md and "Best speculation: **" in md
+    assert "Ceiling (the oracle drafts plain decoding's own output" in md and "decoder 9.50x (best real drafter" in md
     assert compare.arch_color("samba") != compare.arch_color("decoder")  # (plots: drawn in the study above)
 
 
@@ -184,7 +190,7 @@ def test_rerun_trains_and_measures_nothing(study, monkeypatch, capsys):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda s: s + DLCM_RUN.replace("dlcm.toml", "nope.toml"), "config file not found"),
-    (lambda s: s.replace('drafters = ["pld", "sam"]', 'drafters = ["pld", "oracle"]'), "unknown drafter 'oracle'"),
+    (lambda s: s.replace('drafters = ["pld", "sam"]', 'drafters = ["pld", "oracel"]'), "unknown drafter 'oracel'"),
     (lambda s: s.replace("tokens = 768", 'tokens = "lots"'), "budget.tokens must be a positive integer"),
     (lambda s: s.replace("seeds = [0]\n", ""), "budget.seeds is missing"),
     (lambda s: s + DLCM_RUN.replace("model.target_ratio=3.0", "train.steps=5"), "changes the shared budget"),

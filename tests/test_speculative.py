@@ -355,8 +355,29 @@ def test_eval_reports_speedup_and_matches_plain(tmp_path, capsys):
     assert len(err) == 1 and "no suffix automaton" in err[0]
 
 
+def test_eval_oracle_drafts_the_plain_output_and_is_the_ceiling(tmp_path):
+    """`--drafter oracle` drafts each prompt's own plain greedy output: every draft is accepted, so each verify
+    step emits max draft + 1 tokens (fewer only where the budget cuts the draft)."""
+    from decode.eval import main
+    from test_engine import make_run
+
+    run = tmp_path / "run"
+    make_run(run)
+    prompts_file = tmp_path / "p.jsonl"
+    text = "def f(x):\n    return x + 1\n\ndef g(x):\n"
+    prompts_file.write_text("\n".join(json.dumps({"id": i, "prompt": text[3 * i:]}) for i in range(3)) + "\n")
+    out = tmp_path / "o.json"
+    assert main([str(run), "--prompts", str(prompts_file), "--drafter", "oracle", "--out", str(out),
+                 "--max-new-tokens", "17", "--max-draft", "2", "--repeats", "1"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["matches_plain"] is True and rep["bound"] is True
+    for o in rep["outputs"]:
+        assert o["steps"] == -(-(len(o["tokens"]) - 1) // 3), o  # all accepted: 3 tokens per step
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--drafter", "eagle"], "unknown drafter 'eagle'; valid: none, pld"),
+    (["--drafter", "oracle", "--temperature", "0.5"], "needs --temperature 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--max-draft", "0"], "--max-draft must be >= 1"),
