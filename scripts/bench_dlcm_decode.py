@@ -74,10 +74,11 @@ def bench(models, prompts, n_new: int, repeats: int):
     return secs, toks, outs
 
 
-def forced_step_us(models, seq, start: int, n: int, repeats: int):
+def forced_step_us(models, seq, start: int, n: int, repeats: int, *, raw: bool = False):
     """Per model: microseconds per teacher-forced decode step (extend 1 token + commit, batch 1, no sampling)
     over the real tokens seq[start:start + 2n] after a prefill of seq[:start], the models alternating; the
-    per-step time is the difference of a 2n-step and an n-step loop (prefill and call overhead cancel)."""
+    per-step time is the difference of a 2n-step and an n-step loop (prefill and call overhead cancel).
+    `raw`: per model, the (n-step, 2n-step) loop times in seconds of each repeat instead."""
     import time
 
     import jax
@@ -106,6 +107,7 @@ def forced_step_us(models, seq, start: int, n: int, repeats: int):
     for f, st in fns:
         f(st, toks, start + n).block_until_ready()
     out = [[] for _ in models]
+    times = [[] for _ in models]
     for _ in range(repeats):
         for i, (f, st) in enumerate(fns):
             t0 = time.perf_counter()
@@ -114,7 +116,8 @@ def forced_step_us(models, seq, start: int, n: int, repeats: int):
             f(st, toks, start + 2 * n).block_until_ready()
             t2 = time.perf_counter()
             out[i].append(1e6 * ((t2 - t1) - (t1 - t0)) / n)
-    return out
+            times[i].append((t1 - t0, t2 - t1))
+    return times if raw else out
 
 
 @cli

@@ -42,8 +42,9 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "scripts"):  # the repository, and the sibling benchmark scripts the measurements reuse
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from core.errors import ArgumentParser, UserError, cli  # noqa: E402
 
@@ -572,6 +573,28 @@ def measure_decode(model, cfg, batches: list[int], prompt_len: int, new: int, re
     return out
 
 
+def measure_forced(model, val, start: int, n: int, repeats: int) -> dict:
+    """Batch-1 decode steps teacher-forced on validation text (extend one real token, commit; no sampling): the
+    per-step time of tokens start+m .. start+2m, m = max(n, 32), as the difference of the fastest m-step and
+    the fastest 2m-step loop over `repeats` (load only ever adds time; scripts/bench_dlcm_decode.forced_step_us).
+    A concept model closes concepts there at the validation rate; greedy output of a tiny model need not close
+    any (a run of spaces), and then the greedy decode figure measures only its steps that close none."""
+    import bench_dlcm_decode as bdd
+    import numpy as np
+
+    m = max(int(n), 32)  # fewer steps: the difference drowns in the noise of a shared machine
+    seq = np.asarray(val[:start + 2 * m], np.int32)
+    t = np.asarray(bdd.forced_step_us([model], seq, start, m, repeats, raw=True)[0])
+    us = 1e6 * max(float(t[:, 1].min() - t[:, 0].min()), 1e-9) / m
+    closed = None
+    if hasattr(model, "boundaries"):
+        import jax.numpy as jnp
+
+        _, b = model.boundaries(jnp.asarray(seq[None]))
+        closed = int(np.asarray(b[0])[start + m:start + 2 * m].sum())
+    return {"us_per_token": us, "tokens_per_s": 1e6 / us, "tokens": m, "concepts_closed": closed}
+
+
 def measure_extrapolation(run_dir: Path, seq_len: int, factors: list[int], n_tokens: int, batch_tokens: int):
     import argparse
 
@@ -791,7 +814,13 @@ def run_study(study: Study, *, log=_say) -> dict:
                 dec = cached(mdir / "decode.json", key, lambda: measure_decode(
                     model(), cfg, ev["decode_batches"], ev["decode_prompt_len"], ev["decode_new_tokens"],
                     ev["repeats"]), info)
-            info["note"] = ", ".join(f"b{k.split('_')[1]}: {v['tokens_per_s']:.0f} tok/s" for k, v in dec.items())
+            fkey = {**base_key, "start": ev["decode_prompt_len"], "n": ev["decode_new_tokens"],
+                    "repeats": ev["repeats"], "corpus": corpus.key}
+            with _quiet(log_path):
+                forced = cached(mdir / "forced.json", fkey, lambda: measure_forced(
+                    model(), corpus.val, ev["decode_prompt_len"], ev["decode_new_tokens"], ev["repeats"]), info)
+            info["note"] = ", ".join(f"b{k.split('_')[1]}: {v['tokens_per_s']:.0f} tok/s" for k, v in dec.items()) \
+                + f", teacher-forced b1: {forced['tokens_per_s']:.0f} tok/s"
         with prog.stage(next(idx), f"speculation {', '.join(ev['drafters'])} vs plain") as info:
             pkey = prompts.read_text() if prompts.is_file() else ""
             key = {**base_key, "drafters": ev["drafters"], "new_tokens": ev["new_tokens"], "repeats": ev["repeats"],
@@ -803,7 +832,7 @@ def run_study(study: Study, *, log=_say) -> dict:
             info["note"] = ", ".join(f"{d} {v['speedup']:.2f}x MAT {v['mat']:.2f} exact {v['exact']}/{v['n_prompts']}"
                                      for d, v in spec.items())
         loaded.clear()
-        results.append(assemble(r, cfg, study, seeds, inf, conc, ctx, dec, spec, train_time))
+        results.append(assemble(r, cfg, study, seeds, inf, conc, ctx, dec, spec, train_time, forced))
 
     wall = time.perf_counter() - t_study
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -825,7 +854,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def assemble(r, cfg, study, seeds, inf, conc, ctx, dec, spec, train_time) -> dict:
+def assemble(r, cfg, study, seeds, inf, conc, ctx, dec, spec, train_time, forced=None) -> dict:
     vals = [[m["val_bpb"] for m in s["metrics"] if "val_bpb" in m][-1] for s in seeds.values()]
     top = str(max(study.eval["extrapolation"]))
     v4 = [s["bpb_by_factor"][top] for s in seeds.values()]
@@ -855,7 +884,7 @@ def assemble(r, cfg, study, seeds, inf, conc, ctx, dec, spec, train_time) -> dic
         "val_bpb": val_bpb, "val_bpb_std": val_std, "val_bpb_seeds": vals, "n_seeds": len(vals),
         "val_bpb_1x": _mean_std(v1)[0] if v1 else None,
         "val_bpb_4x": v4m, "val_bpb_4x_std": v4s, "extrapolation_factor": int(top),
-        "decode": dec, "context": ctx, "drafters": spec, "curves": curves,
+        "decode": dec, "forced_decode": forced, "context": ctx, "drafters": spec, "curves": curves,
         "tokens_per_concept": conc["tokens_per_concept"] if conc else None,
     }
     return out
@@ -886,15 +915,25 @@ def report_tables(rep: dict) -> str:
     parts = ["### Quality and cost\n", render(head, rows)]
     batches = list(runs[0]["decode"]) if runs else []
     contexts = [c["context"] for c in runs[0]["context"]] if runs else []
+    forced = any(r.get("forced_decode") for r in runs)
     head = ["run"] + [f"decode tok/s b{b.split('_')[1]}" for b in batches] + \
+        (["teacher-forced tok/s b1 (concepts closed)"] if forced else []) + \
         [f"ms/tok @{c}" for c in contexts] + [f"cache @{c}" for c in contexts]
     rows = []
     for r in runs:
         bycx = {c["context"]: c for c in r["context"]}
-        rows.append([r["name"]] + [f"{r['decode'][b]['tokens_per_s']:,.0f}" for b in batches]
+        f = r.get("forced_decode")
+        fcell = ([f"{f['tokens_per_s']:,.0f}" + (f" ({f['concepts_closed']} in {f['tokens']})"
+                                                 if f["concepts_closed"] is not None else "") if f else "-"]
+                 if forced else [])
+        rows.append([r["name"]] + [f"{r['decode'][b]['tokens_per_s']:,.0f}" for b in batches] + fcell
                     + [f"{bycx[c]['ms_per_token']:.3f}" for c in contexts]
                     + [_bytes(bycx[c]["cache_bytes"]) for c in contexts])
     parts += ["\n### Decoding speed and context (batch 1 latency, cache bytes per sequence)\n", render(head, rows)]
+    if forced:
+        parts.append("\nDecode tok/s: greedy generation from random prompts. Teacher-forced: batch-1 steps over "
+                     "validation text, where a concept model closes concepts at the validation rate (its greedy "
+                     "output may close none, which would leave its costlier steps out of the greedy figure).")
     drafters = list(runs[0]["drafters"]) if runs else []
     head = ["run", "plain tok/s"] + [x for d in drafters for x in (f"{d} MAT", f"{d} speedup", f"{d} exact")]
     # oracle: the ceiling (drafts the plain output itself), not a drafter one could use
@@ -939,6 +978,12 @@ def summary_lines(rep: dict) -> list[str]:
         w = max(runs, key=lambda r: r["decode"][b]["tokens_per_s"])
         out.append(f"Fastest decoding at batch {b.split('_')[1]}: **{w['name']}** "
                    f"({w['decode'][b]['tokens_per_s']:,.0f} tokens/s).")
+    fr = [r for r in runs if r.get("forced_decode")]
+    if fr:
+        w = max(fr, key=lambda r: r["forced_decode"]["tokens_per_s"])
+        out.append(f"Fastest teacher-forced decoding on validation text (batch 1): **{w['name']}** "
+                   f"({w['forced_decode']['tokens_per_s']:,.0f} tokens/s; "
+                   + ", ".join(f"{r['name']} {r['forced_decode']['tokens_per_s']:,.0f}" for r in fr) + ").")
     if runs[0]["context"] and len(runs[0]["context"]) > 1:
         lo, hi = runs[0]["context"][0]["context"], runs[0]["context"][-1]["context"]
         growth = {r["name"]: r["context"][-1]["ms_per_token"] / r["context"][0]["ms_per_token"] for r in runs}

@@ -108,6 +108,7 @@ def test_study_report_has_every_field(study):
     assert r["flops_per_token_train"] > r["flops_per_token_infer"] > 0
     assert 0 < r["val_bpb"] < 12 and 0 < r["val_bpb_4x"] < 12
     assert set(r["decode"]) == {"batch_1"}
+    assert r["forced_decode"]["tokens_per_s"] > 0 and r["forced_decode"]["concepts_closed"] is None
     assert all(v["tokens_per_s"] > 0 for v in r["decode"].values())
     assert [c["context"] for c in r["context"]] == [32, 64]
     assert all(c["ms_per_token"] > 0 for c in r["context"])
@@ -120,7 +121,7 @@ def test_study_report_has_every_field(study):
     assert [s["stage"] for s in rep["stages"]][:3] == ["train", "prompts", "sam"]
     md = (out / "report.md").read_text()
     for text in ("machine:", "budget (matched): 768", "Who wins what", "What this budget can and cannot show",
-                 "| decoder", "pld MAT", "sam exact"):
+                 "| decoder", "pld MAT", "sam exact", "teacher-forced tok/s b1", "Fastest teacher-forced decoding"):
         assert text in md, text
     assert "None" not in md and "nan" not in md
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -163,6 +164,12 @@ def test_tokens_per_concept_of_a_concept_model(tmp_path):
     got = compare.measure_concepts(build_model(cfg.model, seed=0), cfg, corpus, 256)
     assert got["tokens"] == 4 * 2 * 32 and 1 <= got["concepts"] <= got["tokens"]
     assert got["tokens_per_concept"] == got["tokens"] / got["concepts"]
+    # teacher-forced decode: the concepts closed are those of the timed tokens (start + n .. start + 2n)
+    dlcm = build_model(cfg.model, seed=0)
+    forced = compare.measure_forced(dlcm, corpus.val, 16, 8, 1)  # at least 32 timed steps
+    _, b = dlcm.boundaries(np.asarray(corpus.val[:80], np.int32)[None])
+    assert forced["tokens"] == 32 and forced["us_per_token"] > 0
+    assert forced["concepts_closed"] == int(np.asarray(b)[0, 48:80].sum())
     assert compare.measure_concepts(build_model(load_config(tmp_path / "decoder.toml").model, seed=0), cfg,
                                     corpus, 256) is None
     assert path.is_file()
