@@ -116,11 +116,13 @@ def _ssm_step(h_BxNxE, x_BxE, dt_BxE, B_BxN, A_NxE):
     return jnp.exp(dt_BxE[:, None, :] * A_NxE) * h_BxNxE + (dt_BxE * x_BxE)[:, None, :] * B_BxN[:, :, None]
 
 
-def _sum_n(a_BxNxE):
-    """sum over N as an unrolled sum of E-vectors (XLA fuses it into its consumer; a reduce op is slower here)."""
-    out = a_BxNxE[:, 0]
-    for i in range(1, a_BxNxE.shape[1]):
-        out = out + a_BxNxE[:, i]
+def _sum_n(term, n: int):
+    """sum_i term(i) for i < n, term(i) [B, E] (a slice of a [B, N, E] product): an unrolled sum of E-vectors
+    that XLA fuses into one loop reading the factors (a reduce op, or the product materialised first, was
+    slower here)."""
+    out = term(0)
+    for i in range(1, n):
+        out = out + term(i)
     return out
 
 
@@ -146,7 +148,10 @@ def _seq_loops(chunk, x, dt, A, Bm, Cm, h0, *, want_y=True, keep=True):
     def step(t, c):
         h, y = c
         h = _ssm_step(h, _at(x, t), _at(dt, t), _at(Bm, t), A)
-        return h, (_put(y, _sum_n(h * _at(Cm, t)[:, :, None]), t) if want_y else y)
+        if want_y:
+            C_t = _at(Cm, t)
+            y = _put(y, _sum_n(lambda m: h[:, m] * C_t[:, m, None], h.shape[1]), t)
+        return h, y
 
     def run(lo, n, h, y):  # n steps from lo (traced), a static trip count
         return jax.lax.fori_loop(0, n, lambda i, c: step(lo + i, c), (h, y))
@@ -183,12 +188,14 @@ def _seq_scan_bwd(chunk, res, cts):
         g, dA, dx, ddt, dB, dC, stack = c
         lo = k * chunk
 
-        def states(i, c2):  # the chunk again, keeping the state before each step
-            h, stack = c2
-            stack = jax.lax.dynamic_update_index_in_dim(stack, h, i, 0)
+        def states(i, stack):  # the chunk again: the state before each step, computed into its slot
             t = lo + i
-            return _ssm_step(h, _at(x, t), _at(dt, t), _at(Bm, t), A), stack
-        _, stack = jax.lax.fori_loop(0, n, states, (jax.lax.dynamic_index_in_dim(hs, k, 0, keepdims=False), stack))
+            h = _ssm_step(jax.lax.dynamic_index_in_dim(stack, i, 0, keepdims=False), _at(x, t), _at(dt, t),
+                          _at(Bm, t), A)
+            return jax.lax.dynamic_update_index_in_dim(stack, h, i + 1, 0)
+        stack = jax.lax.dynamic_update_index_in_dim(stack, jax.lax.dynamic_index_in_dim(hs, k, 0, keepdims=False),
+                                                    0, 0)
+        stack = jax.lax.fori_loop(0, n - 1, states, stack)
 
         def back(j, c3):  # g: dL/dh_t from the later steps
             g, dA, dx, ddt, dB, dC = c3
@@ -201,8 +208,8 @@ def _seq_scan_bwd(chunk, res, cts):
             G = g + C_t[:, :, None] * dy_t[:, None, :]
             ah = a * hp
             q = G * ah
-            GB = _sum_n(G * B_t[:, :, None])
-            d_dt = _sum_n(q * A) + GB * x_t
+            GB = _sum_n(lambda m: G[:, m] * B_t[:, m, None], A.shape[0])
+            d_dt = _sum_n(lambda m: q[:, m] * A[m], A.shape[0]) + GB * x_t
             dB_t = jnp.einsum("bne,be->bn", G, u)
             dC_t = jnp.einsum("bne,be->bn", ah, dy_t) + B_t * jnp.sum(u * dy_t, -1)[:, None]
             dA = dA + q * dt_t[:, None, :]  # summed over the batch once, after the loops
