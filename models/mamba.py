@@ -11,6 +11,7 @@ R = dt_rank, T = scan chunk length.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -33,6 +34,14 @@ def _combine(left, right):
     return a1 * a2, a2 * b1 + b2
 
 
+# The sequential scan keeps the state every SEQ_CHUNK steps at most (whatever `chunk` says: its results do not
+# depend on it), and its backward pass recomputes that many states at a time into a [SEQ_CHUNK, B, N, E]
+# stack: a fresh buffer every step, whose first touch costs more than the recomputation saves beyond this
+# (samba_tiny's scan fwd + bwd, 2-core CPU, one process, alternated: 143 ms at 16 against 171 at 8, 155 at
+# 32 and 183 at its scan_chunk 64; its whole train step 1.17x faster at 16 than at 64).
+SEQ_CHUNK = 16
+
+
 def resolve_inner(inner: str) -> str:
     """'auto': a sequential inner scan on CPU (about 2x faster there), associative elsewhere (parallel)."""
     if inner == "auto":
@@ -44,12 +53,12 @@ def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chun
                    want_y: bool = True):
     """h_t = exp(dt_t A) h_{t-1} + (dt_t x_t) B_t;  y_t = C_t . h_t.  Returns (y_BxLxE or None, h_L).
 
-    The L steps go in chunks of T, and (B, L, E, N) is never materialised: only (B, T, E, N) tensors of one
-    chunk exist at a time, and the backward pass keeps only the chunk-boundary states. Inside a chunk the
-    scan is sequential (`inner` "seq", CPU: `_seq_scan`, a custom VJP whose backward pass recomputes one
-    chunk's states and runs the adjoint recurrence) or associative (log depth, accelerators: the chunk body
-    wrapped in `jax.checkpoint` and differentiated by JAX), see `resolve_inner`.
-    Padding steps have dt = 0, which leaves the state unchanged (exp(0) = 1, zero input).
+    (B, L, E, N) is never materialised. `inner` "seq" (CPU, see `resolve_inner`): `_seq_scan`, a sequential
+    loop over the steps reading the [B, L, .] inputs in place, with a custom VJP that keeps the state every
+    min(chunk, SEQ_CHUNK) steps and recomputes them in the backward pass; its results do not depend on the
+    chunk. "assoc" (accelerators): chunks of T steps, an associative scan (log depth) within each, the chunk
+    body wrapped in `jax.checkpoint` and differentiated by JAX; padding steps have dt = 0, which leaves the
+    state unchanged (exp(0) = 1, zero input).
     """
     b, l, e = x_BxLxE.shape
     acc = acc_dtype(x_BxLxE.dtype)
@@ -68,26 +77,20 @@ def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chun
     n_chunks = -(-l // t)
     pad = n_chunks * t - l
 
-    def to_chunks(a, time_major=False):  # (B, L, F) -> (n_chunks, B, T, F), or (n_chunks, T, B, F); dt = 0 pads
+    def to_chunks(a):  # (B, L, F) -> (n_chunks, B, T, F); dt = 0 pads
         a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
-        a = a.reshape(b, n_chunks, t, a.shape[-1])
-        return a.transpose(1, 2, 0, 3) if time_major else a.swapaxes(0, 1)
+        return a.reshape(b, n_chunks, t, a.shape[-1]).swapaxes(0, 1)
 
-    if inner == "seq" and want_y:
-        y, h = _seq_scan(*(to_chunks(a, True) for a in (x, delta)), A, *(to_chunks(a, True) for a in (Bm, Cm)), h0)
-        return y.transpose(2, 0, 1, 3).reshape(b, n_chunks * t, e)[:, :l], h
+    if inner == "seq":  # batch-major, a [B, N, E] state: no time-major copies (see _seq_scan)
+        args = (min(t, SEQ_CHUNK), x, delta, A.T, Bm, Cm, h0.swapaxes(1, 2))
+        y, h = _seq_scan(*args) if want_y else _seq_loops(*args, want_y=False, keep=False)[:2]
+        return y, h.swapaxes(1, 2)
 
     xs = (to_chunks(x), to_chunks(delta), to_chunks(Bm)) + ((to_chunks(Cm),) if want_y else ())
 
     @jax.checkpoint
-    def body(h_BxExN, inp):
+    def body(h_BxExN, inp):  # associative within the chunk (log depth)
         x_c, dt_c, B_c = inp[:3]
-        if inner == "seq":  # one step at a time: only (B, E, N) live per step
-            def step(h, step_in):
-                h = _ssm_step(h, *step_in[:3], A)
-                return h, (jnp.einsum("ben,bn->be", h, step_in[3]) if want_y else None)
-            h, y = jax.lax.scan(step, h_BxExN, tuple(a.swapaxes(0, 1) for a in inp))
-            return h, (y.swapaxes(0, 1) if want_y else None)
         dA_BxTxExN = jnp.exp(dt_c[..., None] * A)
         dBx_BxTxExN = (dt_c * x_c)[..., None] * B_c[:, :, None, :]
         a_cum, h_loc = jax.lax.associative_scan(_combine, (dA_BxTxExN, dBx_BxTxExN), axis=1)
@@ -101,71 +104,139 @@ def selective_scan(x_BxLxE, dt_BxLxE, A_ExN, B_BxLxN, C_BxLxN, h0_BxExN, *, chun
     return y, h
 
 
-def _ssm_step(h_BxExN, x_BxE, dt_BxE, B_BxN, A_ExN):
-    """One step of the recurrence (the sequential scans' shared body): exp(dt A) h + (dt x) B."""
-    return jnp.exp(dt_BxE[..., None] * A_ExN) * h_BxExN + (dt_BxE * x_BxE)[..., None] * B_BxN[:, None, :]
+# ---- the sequential scan with a hand-written backward pass (CPU) -------------------------------------------
+# Batch-major: x, dt [B, L, E] and B, C [B, L, N] are read in place at [:, t] and the outputs written in place
+# (no time-major copies in or out); the state is [B, N, E] (E innermost: every per-step op is a contiguous
+# vector op over E and the sums over N are adds of E-vectors, fused into one loop, no reduce op); A is [N, E].
+# Loops over chunks of T steps with static trip counts (the last chunk may be shorter: no padding); the
+# forward pass keeps only the state before each chunk. The backward pass recomputes one chunk's states
+# before each step, h_{t-1}, then one reverse loop computes per step the adjoint G_t = dL/dh_t =
+# a_{t+1} G_{t+1} + dy_t C_t and every input's gradient from it (a_t = exp(dt_t A), u_t = dt_t x_t):
+#   dL/d(dt_t A) = G_t h_{t-1} a_t   ->  d dt_t = sum_n (.) A + (sum_n G_t B_t) x_t,  dA += sum_b (.) dt_t
+#   d x_t = (sum_n G_t B_t) dt_t,  d B_t = sum_e G_t u_t,  d C_t = sum_e dy_t h_t
+#   (h_t = a_t h_{t-1} + u_t B_t, so d C_t = sum_e (a_t h_{t-1}) dy_t + B_t sum_e u_t dy_t).
+# The sums over e are batched mat-vec products over contiguous rows ([B, N, E] . [B, E]): no transposes.
+# (The time-major version before it spent most of its time in a transpose of G h a to [E, N, B] per step,
+# XLA's lowering of the einsum "ben,en->be" for d dt, and in copying each chunk's inputs out of the
+# time-major stacks.)
+def _ssm_step(h_BxNxE, x_BxE, dt_BxE, B_BxN, A_NxE):
+    """One step of the recurrence in the [B, N, E] layout: exp(dt A) h + (dt x) B."""
+    return jnp.exp(dt_BxE[:, None, :] * A_NxE) * h_BxNxE + (dt_BxE * x_BxE)[:, None, :] * B_BxN[:, :, None]
 
 
-# ---- the sequential scan with a hand-written backward pass (CPU training) ----------------------------------
-# Shapes, time-major in chunks: x, dt [K, T, B, E]; B, C [K, T, B, N]; A [E, N]; h0 [B, E, N] (K chunks of T).
-# JAX's derivative of the checkpointed sequential scan (the "assoc" path's structure with a sequential inner
-# loop) recomputes each chunk and then runs about ten small ops per step over residuals it stacks step by
-# step. Here the backward pass recomputes only the states before each step of a chunk, h_{t-1}, and one
-# reverse loop does the rest per step: the adjoint G_t = dL/dh_t = a_{t+1} G_{t+1} + dy_t C_t and every
-# input's gradient from it (a_t = exp(dt_t A), u_t = dt_t x_t):
-#   dL/d(dt_t A) = G_t h_{t-1} a_t   ->  d dt_t = sum_n (.) A + (sum_n G_t B_t) x_t,  dA += sum (.) dt_t
-#   d x_t = (sum_n G_t B_t) dt_t,  d B_t = sum_e G_t u_t,  d C_t = sum_e dy_t h_t.
-# Measured on the 2-core CPU under load, fwd + bwd of samba_tiny's scan (B 32, L 128, E 256, N 16): 1.2-2.5x faster than
-# JAX's derivative. (Doing the reductions after the loop, vectorised over a chunk's [T, B, E, N], was 1.5x
-# slower than JAX's: XLA:CPU materialised the broadcasts.)
-def _seq_scan_fwd(x, dt, A, Bm, Cm, h0):
-    def chunk(h, inp):
-        def step(h, step_in):
-            h = _ssm_step(h, *step_in[:3], A)
-            return h, jnp.einsum("ben,bn->be", h, step_in[3])
-        h_end, y_c = jax.lax.scan(step, h, inp)
-        return h_end, (y_c, h)
-
-    h, (y, h_starts) = jax.lax.scan(chunk, h0, (x, dt, Bm, Cm))
-    return (y, h), (x, dt, A, Bm, Cm, h_starts)
+def _sum_n(term, n: int):
+    """sum_i term(i) for i < n, term(i) [B, E] (a slice of a [B, N, E] product): an unrolled sum of E-vectors
+    that XLA fuses into one loop reading the factors (a reduce op, or the product materialised first, was
+    slower here)."""
+    out = term(0)
+    for i in range(1, n):
+        out = out + term(i)
+    return out
 
 
-def _seq_scan_bwd(res, cts):
-    x, dt, A, Bm, Cm, h_starts = res
-    h0 = h_starts[0]
+def _at(a, t):
+    return jax.lax.dynamic_index_in_dim(a, t, 1, keepdims=False)
+
+
+def _put(buf, v, t):
+    return jax.lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), t, 1)
+
+
+def _chunks(l: int, chunk: int):
+    """(number of full chunks, length of the last partial chunk or 0)."""
+    return divmod(l, chunk)
+
+
+def _seq_loops(chunk, x, dt, A, Bm, Cm, h0, *, want_y=True, keep=True):
+    """The forward recurrence: (y [B, L, E] or None, h_L [B, N, E], the state before each chunk [K, B, N, E]
+    or None). x, dt [B, L, E]; A [N, E]; B, C [B, L, N]; h0 [B, N, E]."""
+    l = x.shape[1]
+    full, tail = _chunks(l, chunk)
+
+    def step(t, c):
+        h, y = c
+        h = _ssm_step(h, _at(x, t), _at(dt, t), _at(Bm, t), A)
+        if want_y:
+            C_t = _at(Cm, t)
+            y = _put(y, _sum_n(lambda m: h[:, m] * C_t[:, m, None], h.shape[1]), t)
+        return h, y
+
+    def run(lo, n, h, y):  # n steps from lo (traced), a static trip count
+        return jax.lax.fori_loop(0, n, lambda i, c: step(lo + i, c), (h, y))
+
+    def chunk_body(k, c):
+        h, y, hs = c
+        if keep:
+            hs = jax.lax.dynamic_update_index_in_dim(hs, h, k, 0)
+        h, y = run(k * chunk, chunk, h, y)
+        return h, y, hs
+
+    y = jnp.zeros_like(x) if want_y else None
+    hs = jnp.zeros((full + (tail > 0),) + h0.shape, h0.dtype) if keep else None
+    h, y, hs = jax.lax.fori_loop(0, full, chunk_body, (h0, y, hs))
+    if tail:
+        if keep:
+            hs = jax.lax.dynamic_update_index_in_dim(hs, h, full, 0)
+        h, y = run(full * chunk, tail, h, y)
+    return y, h, hs
+
+
+def _seq_scan_fwd(chunk, x, dt, A, Bm, Cm, h0):
+    y, h, hs = _seq_loops(chunk, x, dt, A, Bm, Cm, h0)
+    return (y, h), (x, dt, A, Bm, Cm, hs)
+
+
+def _seq_scan_bwd(chunk, res, cts):
+    x, dt, A, Bm, Cm, hs = res
     dy, dh_end = cts
+    l = x.shape[1]
+    full, tail = _chunks(l, chunk)
 
-    def chunk(carry, inp):
-        x_c, dt_c, B_c, C_c, dy_c, h0_c = inp
+    def back_chunk(k, n, c):  # the chunk k (traced) of n steps (static)
+        g, dA, dx, ddt, dB, dC, stack = c
+        lo = k * chunk
 
-        def states(h, step_in):  # the chunk again, keeping the state before each step
-            return _ssm_step(h, *step_in, A), h
-        _, hprev = jax.lax.scan(states, h0_c, (x_c, dt_c, B_c))
+        def states(i, stack):  # the chunk again: the state before each step, computed into its slot
+            t = lo + i
+            h = _ssm_step(jax.lax.dynamic_index_in_dim(stack, i, 0, keepdims=False), _at(x, t), _at(dt, t),
+                          _at(Bm, t), A)
+            return jax.lax.dynamic_update_index_in_dim(stack, h, i + 1, 0)
+        stack = jax.lax.dynamic_update_index_in_dim(stack, jax.lax.dynamic_index_in_dim(hs, k, 0, keepdims=False),
+                                                    0, 0)
+        stack = jax.lax.fori_loop(0, n - 1, states, stack)
 
-        def back(carry, step_in):  # g: dL/dh_t from the later steps
-            g, dA = carry
-            hp, x_t, dt_t, B_t, C_t, dy_t = step_in
-            a = jnp.exp(dt_t[..., None] * A)
+        def back(j, c3):  # g: dL/dh_t from the later steps
+            g, dA, dx, ddt, dB, dC = c3
+            i = n - 1 - j
+            t = lo + i
+            hp = jax.lax.dynamic_index_in_dim(stack, i, 0, keepdims=False)
+            x_t, dt_t, B_t, C_t, dy_t = (_at(a, t) for a in (x, dt, Bm, Cm, dy))
+            a = jnp.exp(dt_t[:, None, :] * A)
             u = dt_t * x_t
-            G = g + dy_t[..., None] * C_t[:, None, :]
-            q = G * hp * a
-            GB = jnp.einsum("ben,bn->be", G, B_t)
-            d_dt = jnp.einsum("ben,en->be", q, A) + GB * x_t
-            dB = jnp.einsum("ben,be->bn", G, u)
-            dC = jnp.einsum("ben,be->bn", a * hp + u[..., None] * B_t[:, None, :], dy_t)
-            dA = dA + q * dt_t[..., None]  # summed over the batch once, after the loops (no per-step transpose)
-            return (a * G, dA), (GB * dt_t, d_dt, dB, dC)
-        return jax.lax.scan(back, carry, (hprev, x_c, dt_c, B_c, C_c, dy_c), reverse=True)
+            G = g + C_t[:, :, None] * dy_t[:, None, :]
+            ah = a * hp
+            q = G * ah
+            GB = _sum_n(lambda m: G[:, m] * B_t[:, m, None], A.shape[0])
+            d_dt = _sum_n(lambda m: q[:, m] * A[m], A.shape[0]) + GB * x_t
+            dB_t = jnp.einsum("bne,be->bn", G, u)
+            dC_t = jnp.einsum("bne,be->bn", ah, dy_t) + B_t * jnp.sum(u * dy_t, -1)[:, None]
+            dA = dA + q * dt_t[:, None, :]  # summed over the batch once, after the loops
+            return (a * G, dA, _put(dx, GB * dt_t, t), _put(ddt, d_dt, t), _put(dB, dB_t, t), _put(dC, dC_t, t))
+        g, dA, dx, ddt, dB, dC = jax.lax.fori_loop(0, n, back, (g, dA, dx, ddt, dB, dC))
+        return g, dA, dx, ddt, dB, dC, stack
 
-    (dh0, dA), (dx, ddt, dB, dC) = jax.lax.scan(chunk, (dh_end, jnp.zeros_like(h0)),
-                                                (x, dt, Bm, Cm, dy, h_starts), reverse=True)
-    return dx, ddt, dA.sum(0), dB, dC, dh0
+    z = jnp.zeros_like
+    c = (dh_end, z(dh_end), z(x), z(dt), z(Bm), z(Cm), jnp.zeros((min(chunk, l),) + dh_end.shape, dh_end.dtype))
+    if tail:
+        c = back_chunk(full, tail, c)
+    g, dA, dx, ddt, dB, dC, _ = jax.lax.fori_loop(0, full, lambda kk, c: back_chunk(full - 1 - kk, chunk, c), c)
+    return dx, ddt, dA.sum(0), dB, dC, g
 
 
-@jax.custom_vjp
-def _seq_scan(x, dt, A, Bm, Cm, h0):
-    """(y [K, T, B, E], final state): the sequential selective scan over K chunks of T steps."""
-    return _seq_scan_fwd(x, dt, A, Bm, Cm, h0)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _seq_scan(chunk, x, dt, A, Bm, Cm, h0):
+    """(y [B, L, E], h_L [B, N, E]): the sequential selective scan in chunks of `chunk` steps (layouts above)."""
+    return _seq_loops(chunk, x, dt, A, Bm, Cm, h0, keep=False)[:2]
 
 
 _seq_scan.defvjp(_seq_scan_fwd, _seq_scan_bwd)

@@ -62,6 +62,10 @@ RULES = (
     ("train/loop.py", "target_weights", "loss"),
     ("models/mamba.py", "selective_scan", "mamba scan"),
     ("models/mamba.py", "_seq_", "mamba scan"),
+    ("models/mamba.py", "_ssm_step", "mamba scan"),  # the scan's helpers (innermost frames inside its loops)
+    ("models/mamba.py", "_sum_n", "mamba scan"),
+    ("models/mamba.py", "_at", "mamba scan"),
+    ("models/mamba.py", "_put", "mamba scan"),
     ("models/mamba.py", "", "mamba other"),
     ("models/attention.py", "", "attention"),
     ("models/contract.py", "key_visible", "attention"),
