@@ -28,7 +28,7 @@ from flax import nnx
 from core.errors import UserError
 from decode.loops import Loops
 from decode.request import Limits, Request, Result, check_prompt, prepare
-from decode.speculation import Host, SpeculativeRun, observing
+from decode.speculation import Host, SpeculativeRun, observing, step_clock, step_elapsed
 from models.mamba import Mamba
 
 VERIFY_SIZES = (0, 1, 2, 4, 8, 16)  # 0: no draft this step, a plain step inside the loop
@@ -290,7 +290,8 @@ class Engine:
 
 class _FixedDraft:
     """Drafts k copies of token 0 every step (all rejected but by chance): a verify step of size k. Its
-    `stamps` are the CPU clock at each `draft` call, i.e. once per verify step, from the host callback."""
+    `stamps` are `step_clock()` stamps at each `draft` call, i.e. once per verify step, from the host callback
+    (see SpeculativeRun._observe_cost for why not the process's CPU clock)."""
 
     observes = False
 
@@ -303,7 +304,7 @@ class _FixedDraft:
         pass
 
     def draft(self, k):
-        self.stamps.append(time.process_time())
+        self.stamps.append(step_clock())
         return self.draft_[:k]
 
     def accept(self, tokens):
@@ -316,10 +317,11 @@ class _FixedDraft:
 def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: int = 64, steps: int = 24,
                         rounds: int = 2):
     """Cost of one speculative-loop step at each verify size (size 0: a plain step inside the loop), in CPU
-    seconds of this process: the median of the CPU time between consecutive steps (the drafter stamps the
-    clock at every step, from inside the loop's host callback) over `rounds` requests of `steps` steps per
-    size, sizes interleaved, after one short untimed request per size (which compiles what is missing). A
-    median of single-step intervals ignores prefill, the request's fixed cost and the odd preempted step.
+    seconds of the thread that runs the loop (`step_elapsed`): the median of the time between consecutive
+    steps (the drafter stamps the clock at every step, from inside the loop's host callback) over `rounds`
+    requests of `steps` steps per size, sizes interleaved, after one short untimed request per size (which
+    compiles what is missing). A median of single-step intervals ignores prefill, the request's fixed cost
+    and the odd preempted step.
     CPU time rather than wall time, because on a shared machine the wall time of a step is mostly waiting
     for a core (measured with 8 agents on 2 cores: wall ratios of 3.8x for a step that costs 1.3x); then a
     size never costs more than a larger one (a spike is noise: the larger verify does strictly more work)."""
@@ -336,7 +338,8 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
         # size 0 without plain stretches: one plain step per host call, at the same positions as the others
         engine.generate_speculative(prompts, d, max_new_tokens=n + kmax + 1, stop_ids=(), batch_size=batch_size,
                                     max_stretch=1)
-        return np.diff(d[0].stamps[:n + 1])  # steps whose drafts were not yet cut by the budget
+        st = d[0].stamps[:n + 1]  # steps whose drafts were not yet cut by the budget
+        return np.asarray([step_elapsed(a, b) for a, b in zip(st, st[1:])])
 
     for r in range(rounds + 1):
         for k in sizes:

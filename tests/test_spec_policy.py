@@ -134,3 +134,13 @@ def test_verify_cost_and_rule_validate():
         VerifyCost((1, 2), (1.0, 1.0))
     with pytest.raises(ValueError, match="unknown draft rule 'fast'"):
         make_drafter("sam", vocab_size=V, rule="fast")
+
+
+def test_step_elapsed_uses_the_thread_clock_and_wall_time_across_threads():
+    """Steps are timed by the CPU clock of the thread that runs the loop (cheap, and load-proof); a pair of
+    stamps from two threads (the loop moved) falls back to wall time rather than mixing two threads' clocks."""
+    from decode.speculation import step_elapsed
+
+    a = (1.0, 7, 100.0)
+    assert step_elapsed(a, (1.25, 7, 100.5)) == 0.25  # same thread: its CPU time
+    assert step_elapsed(a, (0.10, 8, 100.5)) == 0.5  # another thread: wall time
