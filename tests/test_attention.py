@@ -41,17 +41,29 @@ def reference(mixer, x, pos, visible_for_row):
 
 
 def run_cached(mixer, x, schedule, prefix_len_B):
-    """Prefill (with the prefix) then extends of the sizes in `schedule`, committing every token."""
+    """Prefill (with the prefix) then extends of the sizes in `schedule`, committing every token; each extend +
+    commit jitted as the engine runs it (one compile per step size; eager dispatch of the blocked loop and the
+    lax.switch cost minutes)."""
+
+    @jax.jit
+    def step(x_BxKxD, cache, lengths, prefix):
+        k = x_BxKxD.shape[1]
+        y, cache, pending = mixer.extend(x_BxKxD, cache, StepCtx.at(lengths, k, prefix))
+        return y, mixer.commit(cache, pending, jnp.full((B,), k, jnp.int32), lengths)
+
     cache = mixer.init_cache(B, 96)
     lengths, outs, t = jnp.zeros((B,), jnp.int32), [], 0
     for i, k in enumerate(schedule):
-        ctx = StepCtx.at(lengths, k, prefix_len_B if i == 0 else None)
-        y, cache, pending = mixer.extend(x[:, t:t + k], cache, ctx)
-        cache = mixer.commit(cache, pending, jnp.full((B,), k, jnp.int32), lengths)
+        y, cache = step(x[:, t:t + k], cache, lengths, prefix_len_B if i == 0 else None)
         lengths, t = lengths + k, t + k
         outs.append(y)
     assert t == x.shape[1]
     return jnp.concatenate(outs, axis=1)
+
+
+def _forward(mixer):
+    """The mixer's full forward, jitted (one compile per shape and prefix-or-not)."""
+    return jax.jit(lambda x, pos, prefix=None: mixer(x, pos, prefix))
 
 
 def _inputs(seed):
@@ -63,13 +75,14 @@ def test_global_attention_matches_plain_reference():
     mixer = GlobalAttention(D, H, G, HD, block=16, rope_base=10000.0, rngs=nnx.Rngs(0), dtype=jnp.float32,
                             param_dtype=jnp.float32)
     x, pos = _inputs(1)
+    fwd = _forward(mixer)
     prefix = jnp.array(PREFIX, jnp.int32)
     causal = reference(mixer, x, pos, lambda b: lambda i, j: j <= i)
-    np.testing.assert_allclose(mixer(x, pos), causal, atol=1e-5)
+    np.testing.assert_allclose(fwd(x, pos), causal, atol=1e-5)
     # prefix LM: the prefix positions see the whole prefix, targets the prefix and earlier targets
     ref = reference(mixer, x, pos, lambda b: lambda i, j: j <= i or j < PREFIX[b])
     assert float(jnp.abs(ref - causal).max()) > 1e-3
-    np.testing.assert_allclose(mixer(x, pos, prefix), ref, atol=1e-5)
+    np.testing.assert_allclose(fwd(x, pos, prefix), ref, atol=1e-5)
     # cache: a 33-token prefill reading the prefix (33 x 2 queries per KV head: the blocked loop over 16-slot
     # blocks), then decode steps over a 96-slot cache (prefix sizes 64 and 96: lax.switch), one of 4 tokens
     np.testing.assert_allclose(run_cached(mixer, x, (33, 1, 1, 4, 1), prefix), ref, atol=1e-5)
@@ -80,16 +93,17 @@ def test_sliding_window_attention_matches_plain_reference():
     mixer = SlidingWindowAttention(D, H, G, HD, window=w, rope_base=10000.0, rngs=nnx.Rngs(0), dtype=jnp.float32,
                                    param_dtype=jnp.float32)
     x, pos = _inputs(2)
+    fwd = _forward(mixer)
     prefix = jnp.array(PREFIX, jnp.int32)
     causal = reference(mixer, x, pos, lambda b: lambda i, j: 0 <= i - j < w)  # W keys, the query's own included
-    np.testing.assert_allclose(mixer(x, pos), causal, atol=1e-5)  # L > 2W: chunks of W
+    np.testing.assert_allclose(fwd(x, pos), causal, atol=1e-5)  # L > 2W: chunks of W
     n = 37  # not a multiple of W: the last chunk is padded
-    np.testing.assert_allclose(mixer(x[:, :n], pos[:, :n]), causal[:, :n], atol=1e-5)
+    np.testing.assert_allclose(fwd(x[:, :n], pos[:, :n]), causal[:, :n], atol=1e-5)
     # prefix LM: two prefix positions also see each other within the window, in both directions
     ref = reference(mixer, x, pos,
                     lambda b: lambda i, j: 0 <= i - j < w or (i < PREFIX[b] and j < PREFIX[b] and abs(i - j) < w))
     assert float(jnp.abs(ref - causal).max()) > 1e-3
-    np.testing.assert_allclose(mixer(x, pos, prefix), ref, atol=1e-5)
+    np.testing.assert_allclose(fwd(x, pos, prefix), ref, atol=1e-5)
     # ring: a chunked 20-token prefill reading the prefix, single steps, then a chunked 17-token extend over a
     # ring that has wrapped
     np.testing.assert_allclose(run_cached(mixer, x, (20, 1, 1, 17, 1), prefix), ref, atol=1e-5)

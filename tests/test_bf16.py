@@ -89,7 +89,7 @@ def test_dlcm_bf16_compute_agrees_with_fp32():
     def same_boundaries(m32, m16, x):
         # A boundary decision is discrete: p at the threshold may round either way in bf16 (seen: 1 of 64),
         # and every later concept of that row shifts. Compare the positions before a row's first flip.
-        b32, b16 = m32._encode(x)[2], m16._encode(x)[2]
+        b32, b16 = jax.jit(lambda x: (m32._encode(x)[2], m16._encode(x)[2]))(x)  # one compile, not op by op
         return jnp.cumsum(b32 != b16, axis=1) == 0
 
     m32 = nnx.jit(lambda: DLCMLM(CFG, rngs=nnx.Rngs(0)))()

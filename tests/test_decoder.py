@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,15 @@ from models.layers import rope
 CFG = DecoderConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_block=16)
 
 
+@functools.cache
 def _model(cfg=CFG):
-    return DecoderLM(cfg, rngs=nnx.Rngs(0))
+    """One model per config for the file (nothing mutates it), initialised in one compile, not op by op."""
+    return nnx.jit(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))()
+
+
+def _forward(m):
+    """m's full forward, jitted: one compile per input shape (op by op, these tests took minutes)."""
+    return jax.jit(lambda x, prefix=None: m(x, prefix))
 
 
 def _tokens(b, l, seed=0):
@@ -18,7 +27,7 @@ def _tokens(b, l, seed=0):
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
-    m = _model()
+    m = _forward(_model())
     x = _tokens(2, 24)
     base, _ = m(x)
     for t in (0, 7, 22):
@@ -29,7 +38,7 @@ def test_causality_future_tokens_do_not_change_past_logits():
 
 
 def test_prefix_lm_mask():
-    m = _model()
+    m = _forward(_model())
     x = _tokens(2, 20)
     prefix = jnp.array([8, 12], jnp.int32)
     base, _ = m(x, prefix)
@@ -50,7 +59,7 @@ def test_prefix_lm_mask():
 
 
 def test_causal_and_prefix_agree_on_targets_when_prefix_is_one():
-    m = _model()
+    m = _forward(_model())
     x = _tokens(1, 16)
     a, _ = m(x)
     b, _ = m(x, jnp.array([1], jnp.int32))

@@ -1,6 +1,7 @@
 """Speculative decoding through the engine: greedy output identical to plain greedy for any drafter."""
 
 import dataclasses
+import functools
 import json
 import warnings
 
@@ -456,15 +457,21 @@ def test_prompts_are_whole_lines_within_budget():
 
 # ---- every registered architecture through the same engine ----------------------------------------------
 
+@functools.cache
+def _small_model(arch):
+    """One small model per architecture, shared by its causal and prefix cases (nothing mutates it)."""
+    cls = MODELS[arch]
+    names = {f.name for f in dataclasses.fields(cls.config_class)}
+    small = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_block=16, window=8)
+    return cls(cls.config_class(**{k: v for k, v in small.items() if k in names}), rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("prefix", [False, True], ids=["causal", "prefix"])
 @pytest.mark.parametrize("arch", sorted(set(MODELS) - {"decoder"}))
 def test_engine_is_architecture_agnostic(arch, prefix):
     """Plain greedy equals the training forward, and speculative greedy equals plain, for each model; with
     prefix_prompt the forward reads the prompt as a prefix (a model that cannot, decodes causally)."""
-    cls = MODELS[arch]
-    names = {f.name for f in dataclasses.fields(cls.config_class)}
-    small = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_block=16, window=8)
-    model = cls(cls.config_class(**{k: v for k, v in small.items() if k in names}), rngs=nnx.Rngs(0))
+    model = _small_model(arch)
     eng = Engine(model, max_len=64, bos_id=TOK.bos_id, verify_sizes=(4,), prefix_prompt=prefix)
     assert eng.prefix_prompt == (prefix and model.supports_prefix)
     ps = prompts(5, 19, seed=8)

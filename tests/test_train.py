@@ -194,14 +194,20 @@ def _hand_checkpoint(cfg, run_dir, step=3, *, old_layout=False, old_names=False)
     ("state" + "config"), `old_names` the parameter names of that time. Returns the state (today's names)."""
     from core.config import save_config
 
-    model = build_model(cfg.model, seed=1)
+    model = nnx.jit(lambda: build_model(cfg.model, seed=1))()  # one compile, not hundreds of eager ops
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tx = make_optimizer(cfg.train, model.decay_mask(params))
-    opt = tx.init(params)
-    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
-    for _ in range(2):
-        updates, opt = tx.update(grads, opt, params)
-        params = optax.apply_updates(params, updates)
+
+    @jax.jit
+    def two_steps(params):
+        opt = tx.init(params)
+        grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
+        for _ in range(2):
+            updates, opt = tx.update(grads, opt, params)
+            params = optax.apply_updates(params, updates)
+        return params, opt
+
+    params, opt = two_steps(params)
     state = {"params": params, "opt": opt, "step": jnp.int32(step)}
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.toml")
