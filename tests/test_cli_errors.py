@@ -37,7 +37,8 @@ def _train_main(argv):
 
 
 MAINS = {"train": lambda: _train_main, **{n: (lambda n=n: _script(n)) for n in (
-    "compare", "bench_train", "bench_context", "bench_decode", "bench_sam", "bench_torch_mamba", "transfer_params",
+    "compare", "bench_train", "bench_context", "bench_decode", "bench_sam", "bench_spec", "bench_torch_mamba",
+    "transfer_params",
     "convert_checkpoint")}}
 
 
@@ -120,6 +121,9 @@ CASES = [
     ("bench_decode", ["--config", "{w}/missing.toml", "--out", "{w}/out.json"], "config file not found"),
     ("bench_decode", ["--new-tokens", "1", "--out", "{w}/out.json"], "--new-tokens >= 2"),
     ("bench_sam", ["--tokens", "-1", "--out", "{w}/out.json"], "--tokens must be >= 0"),
+    ("bench_spec", ["--runs", "{w}/old_run", "--drafters", "pld,eagle", "--out", "{w}/out.json"],
+     "unknown drafter 'eagle'"),
+    ("bench_spec", ["--out", "{w}/out.json"], "give --runs and/or --configs"),
     ("bench_torch_mamba", ["--new-tokens", "1", "--out", "{w}/out.json"], "--new-tokens >= 2"),
     ("transfer_params", ["export", "{w}/nothing", "{w}/out"], "not a run directory"),
     ("transfer_params", ["export", "{w}/old_run", "{w}/out"], "predates the separate 'params' checkpoint item"),
