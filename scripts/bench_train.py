@@ -112,6 +112,12 @@ def torch_worker(spec: dict) -> int:
     step()  # warm-up
     print(json.dumps({"ready": True, "params": int(params), "threads": torch.get_num_threads(),
                       "impl": f"transformers {type(model).__name__} (torch {torch.__version__})"}), flush=True)
+    return serve_steps(step)
+
+
+def serve_steps(step) -> int:
+    """The worker side of the protocol: for each stdin line N run `step()` N times and print their times
+    (JSON); N <= 0 or the end of stdin stops. `step` returns once its step has finished."""
     for line in sys.stdin:
         n = int(line)
         if n <= 0:
@@ -174,18 +180,12 @@ def jax_worker(argv: list) -> int:
                       "tokens": cfg.data.batch_size * cfg.data.seq_len, "flops_per_token": float(model.flops_per_token(
                           cfg.data.seq_len)), "first_loss": first_loss}),
           flush=True)
-    for line in sys.stdin:
-        n = int(line)
-        if n <= 0:
-            break
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            state, m = trainer.train_step(state, toks, pre)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t)
-        print(json.dumps(times), flush=True)
-    return 0
+
+    def step():
+        nonlocal state
+        state, m = trainer.train_step(state, toks, pre)
+        jax.block_until_ready(m)
+    return serve_steps(step)
 
 
 def default_torch_python() -> str | None:
