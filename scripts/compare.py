@@ -47,6 +47,9 @@ for _p in (ROOT, ROOT / "scripts"):  # the repository, and the sibling benchmark
         sys.path.insert(0, str(_p))
 
 from core.errors import ArgumentParser, UserError, cli  # noqa: E402
+from decode.drafters import ReferenceDrafter  # noqa: E402  (numpy and numba only: no JAX)
+
+ORACLE = ReferenceDrafter.name  # drafts plain decoding's own output: the ceiling, never a drafter to use
 
 LN2 = math.log(2.0)
 COLORS = {"decoder": "#1f77b4", "samba": "#ff7f0e", "dlcm": "#2ca02c", "mamba": "#d62728"}
@@ -90,7 +93,7 @@ def read_run(run_dir: Path) -> dict:
             "evals": evals, "steps": metrics[-1]["step"] if metrics else 0}
 
 
-ORDER = ["none", "pld", "recycle", "sam", "sam+recycle", "oracle"]
+ORDER = ["none", "pld", "recycle", "sam", "sam+recycle", ORACLE]
 
 
 def drafter_order(runs: list[dict]) -> list[str]:
@@ -284,10 +287,10 @@ def load_study(path: Path, out: Path | None = None) -> Study:
     drafters = ev["drafters"]
     if not isinstance(drafters, list) or not all(isinstance(d, str) for d in drafters):
         raise UserError(f"eval.drafters must be a list of names; valid: {', '.join(DRAFTERS)}")
-    bad = [d for d in drafters if (d not in DRAFTERS and d != "oracle") or d == "none"]
+    bad = [d for d in drafters if (d not in DRAFTERS and d != ORACLE) or d == "none"]
     if bad:
         raise UserError(f"unknown drafter {bad[0]!r} in eval.drafters; valid: "
-                        f"{', '.join(d for d in DRAFTERS if d != 'none')}, oracle (the ceiling: drafts the plain "
+                        f"{', '.join(d for d in DRAFTERS if d != 'none')}, {ORACLE} (the ceiling: drafts the plain "
                         f"output itself) (plain decoding is always measured)")
     for key in ("contexts", "decode_batches", "extrapolation"):
         _ints(f"eval.{key}", ev[key])
@@ -993,14 +996,14 @@ def summary_lines(rep: dict) -> list[str]:
         out.append(f"Latency from context {lo} to {hi}: " + ", ".join(f"{k} {v:.2f}x" for k, v in growth.items())
                    + f"; flattest: **{flat}**. Smallest cache at {hi}: **{small}** ({_bytes(cache[small])}).")
     pairs = [(r["name"], d, v) for r in runs for d, v in r["drafters"].items()]
-    real = [x for x in pairs if x[1] != "oracle"]
+    real = [x for x in pairs if x[1] != ORACLE]
     if real:
         n, d, v = max(real, key=lambda x: x[2]["speedup"])
         out.append(f"Best speculation: **{d} on {n}**, {v['speedup']:.2f}x plain (MAT {v['mat']:.2f}).")
-    bound = {r["name"]: r["drafters"]["oracle"] for r in runs if "oracle" in r["drafters"]}
+    bound = {r["name"]: r["drafters"][ORACLE] for r in runs if ORACLE in r["drafters"]}
     if bound:
         k = next(iter(bound.values())).get("max_draft")
-        best = {r["name"]: max((v for d, v in r["drafters"].items() if d != "oracle"), key=lambda v: v["speedup"],
+        best = {r["name"]: max((v for d, v in r["drafters"].items() if d != ORACLE), key=lambda v: v["speedup"],
                                default=None) for r in runs}
         out.append(f"Ceiling (the oracle drafts plain decoding's own output, so all {k} draft tokens are accepted): "
                    + ", ".join(f"{n} {v['speedup']:.2f}x" + (f" (best real drafter {best[n]['speedup']:.2f}x)"
