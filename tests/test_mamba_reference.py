@@ -84,6 +84,15 @@ def _mixer(w, scan_inner="seq", scan_chunk=64):
     return m
 
 
+def _jitted(m):
+    """m's forward, extend and commit, each jitted (one compile per shape; op by op they took a minute)."""
+    gdef, state = nnx.split(m)
+    fwd = jax.jit(lambda u: nnx.merge(gdef, state)(u))
+    extend = jax.jit(lambda u, cache: nnx.merge(gdef, state).extend(u, cache))
+    commit = jax.jit(lambda cache, pending, n: nnx.merge(gdef, state).commit(cache, pending, n))
+    return fwd, extend, commit
+
+
 @pytest.fixture(scope="module")
 def case():
     w = _weights()
@@ -101,7 +110,7 @@ def _close(got, want, what):
 def test_forward_matches_the_numpy_reference(case, scan_inner, scan_chunk):
     """Both inner scans (the associative one is what accelerators run), one chunk and chunks of 4 over 11 steps."""
     w, u, refs = case
-    out = _mixer(w, scan_inner, scan_chunk)(jnp.asarray(u, jnp.float32))
+    out = _jitted(_mixer(w, scan_inner, scan_chunk))[0](jnp.asarray(u, jnp.float32))
     for b in range(2):
         _close(out[b], refs[b][0], f"forward row {b} ({scan_inner}, chunk {scan_chunk})")
 
@@ -111,18 +120,19 @@ def test_cached_steps_match_the_numpy_reference(case, scan_inner):
     """One token at a time through extend + commit, then a 3-token extend with a partial commit (rollback)."""
     w, u, refs = case
     m = _mixer(w, scan_inner, 4)
+    _, extend, commit = _jitted(m)
     cache = m.init_cache(2)
     uj = jnp.asarray(u, jnp.float32)
     for t in range(L - 3):
-        out, cache, pending = m.extend(uj[:, t:t + 1], cache)
-        cache = m.commit(cache, pending, jnp.ones((2,), jnp.int32))
+        out, cache, pending = extend(uj[:, t:t + 1], cache)
+        cache = commit(cache, pending, jnp.ones((2,), jnp.int32))
         for b in range(2):
             _close(out[b, 0], refs[b][0][t], f"step {t} row {b}")
     # verify-style: 3 tokens at once, keep 2 in row 0 and all 3 in row 1
-    out, cache3, pending = m.extend(uj[:, L - 3:], cache)
+    out, cache3, pending = extend(uj[:, L - 3:], cache)
     for b in range(2):
         _close(out[b], refs[b][0][L - 3:], f"3-token extend row {b}")
-    cache3 = m.commit(cache3, pending, jnp.asarray([2, 3], jnp.int32))
+    cache3 = commit(cache3, pending, jnp.asarray([2, 3], jnp.int32))
     ref_row0 = reference(u[0, :L - 1], w)
     _close(cache3.ssm[0], ref_row0[1], "state after a partial commit")
     _close(cache3.conv[0], ref_row0[2], "conv window after a partial commit")

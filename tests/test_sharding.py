@@ -30,7 +30,7 @@ from decode.drafters import Drafter
 from decode.engine import Engine
 from models.registry import build_model
 from tests.test_train import _raw
-from train.loop import build_trainer
+from train.loop import build_trainer, init_model
 
 # The persistent compilation cache (the session's temporary directory, tests/conftest.py): the programs that the
 # training fixture compiles are loaded, not compiled again, where a test runs the same step through train(), and
@@ -74,7 +74,7 @@ def _train(raw, mesh_name):
     cfg = from_dict({**raw, "mesh": MESHES[mesh_name]}, mesh_name)
     mesh = make_mesh(cfg.mesh)
     corpus = Corpus.open(cfg.data, get_tokenizer(cfg.data))
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    model = init_model(cfg.model, seed=cfg.train.seed)  # train()'s init: one compile, not op by op
     graphdef, pstate = nnx.split(model, nnx.Param)
     trainer, params = build_trainer(cfg, model, mesh)  # the run's optimizer (DLCM: its muP groups)
     state = trainer.init_state(params)
@@ -134,7 +134,7 @@ def test_dlcm_parser_statistics_are_global_under_sharding():
     from models.dlcm import parser_loss
 
     cfg_model = from_dict({"model": {"arch": "dlcm", **MODELS["dlcm"]}}, "t").model
-    model = build_model(cfg_model, seed=0)
+    model = init_model(cfg_model, seed=0)
     gdef, state = nnx.split(model)
     rng = np.random.default_rng(0)
     toks = np.repeat(rng.integers(0, 256, (8, 1)), 32, axis=1)  # rows 2..7: one byte repeated

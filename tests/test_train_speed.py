@@ -183,7 +183,7 @@ def test_decoder_loss_and_gradients_equal_a_plain_reference():
     from models.decoder import DecoderConfig, DecoderLM
 
     cfg = DecoderConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=48)
-    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    model = nnx.jit(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))()  # one compile, not op by op
     graph, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
     toks = jax.random.randint(jax.random.key(5), (2, 81), 0, 61)  # L 80: two query chunks (64 + 16)
@@ -192,7 +192,9 @@ def test_decoder_loss_and_gradients_equal_a_plain_reference():
         logits, _ = nnx.merge(graph, p)(toks[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits, -1), toks[:, 1:, None], -1))
 
-    got, want = jax.value_and_grad(ours)(params), jax.value_and_grad(lambda p: _plain_decoder_loss(p, toks, r=2))(params)
+    # both jitted: one compile each (op by op, eager dispatch of the forward and backward took minutes)
+    got = jax.jit(jax.value_and_grad(ours))(params)
+    want = jax.jit(jax.value_and_grad(lambda p: _plain_decoder_loss(p, toks, r=2)))(params)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     flat_want = dict(jax.tree_util.tree_flatten_with_path(want[1])[0])
     for path, a in jax.tree_util.tree_flatten_with_path(got[1])[0]:
