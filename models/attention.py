@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.contract import KVCache, RingCache, attention_flops_per_token, key_visible, round_up
@@ -59,22 +60,78 @@ def causal_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, pos_BxL, *, window: int = 
     (W = window, or all keys from 0): the keys after b are invisible to all of its queries, and so are those
     at or before a - W. This skips the score blocks above the diagonal (and beyond the window), which a dense
     masked attention computes, masks, exponentiates and differentiates for nothing: at L = 256 with 4 chunks
-    it does 5/8 of the work (SWA with W = L/2: 9/16). Same masks, same softmax, so the results equal the dense
-    attention's to fp32 rounding (a row's sum runs over fewer exact zeros). Measured on the 2-core CPU, fwd +
-    bwd at B 16, L 256, 4 heads / 2 KV heads of 48: 1.4-1.6x faster than the dense masked attention.
+    it does 5/8 of the work (SWA with W = L/2: 9/16). Each chunk is one `_rows_attention` (its own VJP, a
+    static mask from the positions 0..L-1). Same masks, same softmax, so the results equal the dense
+    attention's to fp32 rounding (a row's sum runs over fewer exact zeros).
     With a prefix (prefix LM) a chunk's keys depend on the data: one dense masked attention.
     """
-    l = q_BxLxHxD.shape[1]
-    c = max(Q_CHUNK_MIN, -(-l // Q_CHUNKS))
-    if prefix_len_B is not None or l <= c:
+    b, l, h, d = q_BxLxHxD.shape
+    if prefix_len_B is not None:
         return masked_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, causal_mask(pos_BxL, prefix_len_B, window))
+    g = k_BxLxGxD.shape[2]
+    r = h // g
+    c = max(Q_CHUNK_MIN, -(-l // Q_CHUNKS))
+    # heads first, the R query heads of a KV group folded into the rows: row l * R + r
+    q_BxGxNxD = jnp.transpose(_grouped(q_BxLxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, l * r, d)
+    k_BxGxSxD, v_BxGxSxD = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxLxGxD, v_BxLxGxD))
     outs = []
     for a in range(0, l, c):
-        b = min(a + c, l)
+        e = min(a + c, l)
         lo = max(0, a - window + 1) if window else 0
-        vis = key_visible(pos_BxL[:, a:b, None], pos_BxL[:, None, lo:b], window=window)
-        outs.append(masked_attention(q_BxLxHxD[:, a:b], k_BxLxGxD[:, lo:b], v_BxLxGxD[:, lo:b], vis))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(_rows_attention(q_BxGxNxD[:, :, a * r:e * r], k_BxGxSxD[:, :, lo:e], v_BxGxSxD[:, :, lo:e],
+                                    (a, e, lo, r, window)))
+    o_BxGxNxD = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    o = jnp.transpose(o_BxGxNxD.reshape(b, g, l, r, d), (0, 2, 1, 3, 4))
+    return o.reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
+
+
+def _rows_mask(spec):
+    """The static [N, S] visibility of a `_rows_attention` block: queries a..e-1 (R rows each), keys lo..e-1."""
+    a, e, lo, r, window = spec
+    vis = key_visible(np.arange(a, e)[:, None], np.arange(lo, e)[None, :], window=window)
+    return np.repeat(np.asarray(vis), r, axis=0)
+
+
+def _rows_fwd_math(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, spec):
+    s = jnp.einsum("bgnd,bgsd->bgns", q_BxGxNxD, k_BxGxSxD,
+                   preferred_element_type=jnp.float32) / math.sqrt(q_BxGxNxD.shape[-1])
+    p = jax.nn.softmax(jnp.where(_rows_mask(spec), s, NEG_INF), axis=-1)
+    o = jnp.einsum("bgns,bgsd->bgnd", p.astype(v_BxGxSxD.dtype), v_BxGxSxD, preferred_element_type=jnp.float32)
+    return o, p
+
+
+def _rows_attention_impl(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, spec):
+    return _rows_fwd_math(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, spec)[0]
+
+
+def _rows_attention_fwd(q, k, v, spec):
+    o, p = _rows_fwd_math(q, k, v, spec)
+    return o, (q, k, v, o, jnp.swapaxes(p, -1, -2))
+
+
+def _rows_attention_bwd(spec, res, do_BxGxNxD):
+    # With P^T [S, N] saved, every product's left operand contracts over its last dimension (the layout
+    # XLA:CPU's YNNPACK GEMMs take; the other orientation falls back to slower Eigen dots or transposes):
+    #   dV = P^T dO,  dP^T = V dO^T,  dS^T = P^T * (dP^T - rowsum(dO * O)) / sqrt(d),  dK = dS^T Q,  dQ = dS K.
+    # Masked entries of P^T are exact zeros, so dS^T is zero there: no mask in the backward pass.
+    del spec
+    q, k, v, o, pt_BxGxSxN = res
+    do = do_BxGxNxD.astype(jnp.float32)
+    dv = jnp.einsum("bgsn,bgnd->bgsd", pt_BxGxSxN, do)
+    dpt = jnp.einsum("bgsd,bgnd->bgsn", v.astype(jnp.float32), do)
+    delta_BxGxN = jnp.sum(do * o, axis=-1)
+    dst = pt_BxGxSxN * (dpt - delta_BxGxN[:, :, None, :]) / math.sqrt(q.shape[-1])
+    dk = jnp.einsum("bgsn,bgnd->bgsd", dst, q.astype(jnp.float32))
+    dq = jnp.einsum("bgsn,bgsd->bgnd", dst, k.astype(jnp.float32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_rows_attention = jax.custom_vjp(_rows_attention_impl, nondiff_argnums=(3,))
+_rows_attention.__doc__ = """Causal (or windowed) attention of one query chunk, heads first with the query heads
+of a KV group in the rows: q [B, G, N, D] (row = query * R + r), k/v [B, G, S, D], o [B, G, N, D] in fp32.
+spec = (a, e, lo, R, W): queries a..e-1 over keys lo..e-1, visibility `key_visible` (static). Softmax in fp32;
+the backward pass is written out (see `_rows_attention_bwd`)."""
+_rows_attention.defvjp(_rows_attention_fwd, _rows_attention_bwd)
 
 
 # ---- attention over a KV cache (slot = position) ---------------------------------------------------------
