@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from models.contract import KVCache, RingCache, attention_flops_per_token, key_visible, round_up
-from models.layers import (NEG_INF, Projection, dense, rope, scatter_rows, scatter_rows_heads_first,
-                           split_heads)
+from models.layers import (NEG_INF, Projection, dense, rope, rope_table, rotate_pairs, scatter_rows,
+                           scatter_rows_heads_first, split_heads)
 
 
 # ---- dense attention with an explicit mask (full forward) ------------------------------------------------
@@ -69,20 +69,33 @@ def causal_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, pos_BxL, *, window: int = 
     if prefix_len_B is not None:
         return masked_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, causal_mask(pos_BxL, prefix_len_B, window))
     g = k_BxLxGxD.shape[2]
-    r = h // g
-    c = max(Q_CHUNK_MIN, -(-l // Q_CHUNKS))
     # heads first, the R query heads of a KV group folded into the rows: row l * R + r
-    q_BxGxNxD = jnp.transpose(_grouped(q_BxLxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, l * r, d)
-    k_BxGxSxD, v_BxGxSxD = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxLxGxD, v_BxLxGxD))
+    q_BxGxNxD = jnp.transpose(_grouped(q_BxLxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, l * (h // g), d)
+    k_BxGxLxD, v_BxGxLxD = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxLxGxD, v_BxLxGxD))
+    o_BxGxNxD = causal_attention_heads_first(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, window=window)
+    return rows_to_tokens(o_BxGxNxD, l).astype(q_BxLxHxD.dtype)
+
+
+def rows_to_tokens(o_BxGxNxD, l: int):
+    """[B, G, L * R, D] (row = position * R + r) -> [B, L, H, D] (head h = g * R + r)."""
+    b, g, n, d = o_BxGxNxD.shape
+    r = n // l
+    return jnp.transpose(o_BxGxNxD.reshape(b, g, l, r, d), (0, 2, 1, 3, 4)).reshape(b, l, g * r, d)
+
+
+def causal_attention_heads_first(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, *, window: int = 0):
+    """`causal_attention` (no prefix) on heads-first operands: q [B, G, L * R, D] with row = position * R + r,
+    k/v [B, G, L, D], positions 0..L-1; o [B, G, L * R, D] in fp32. Queries in Q_CHUNKS chunks (see there)."""
+    l = k_BxGxLxD.shape[2]
+    r = q_BxGxNxD.shape[2] // l
+    c = max(Q_CHUNK_MIN, -(-l // Q_CHUNKS))
     outs = []
     for a in range(0, l, c):
         e = min(a + c, l)
         lo = max(0, a - window + 1) if window else 0
-        outs.append(_rows_attention(q_BxGxNxD[:, :, a * r:e * r], k_BxGxSxD[:, :, lo:e], v_BxGxSxD[:, :, lo:e],
+        outs.append(_rows_attention(q_BxGxNxD[:, :, a * r:e * r], k_BxGxLxD[:, :, lo:e], v_BxGxLxD[:, :, lo:e],
                                     (a, e, lo, r, window)))
-    o_BxGxNxD = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-    o = jnp.transpose(o_BxGxNxD.reshape(b, g, l, r, d), (0, 2, 1, 3, 4))
-    return o.reshape(b, l, h, d).astype(q_BxLxHxD.dtype)
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
 def _rows_mask(spec):
@@ -288,6 +301,40 @@ def sliding_window_attention(q_BxKxHxD, k_BxKxGxD, v_BxKxGxD, pos_BxK, *, window
     return o.reshape(b, n * c, h, d)[:, :kq].astype(q_BxKxHxD.dtype)
 
 
+# ---- heads-first q/k/v for the training kernel ----------------------------------------------------------------
+def _heads_first_qkv_impl(y_BxLxGxExD, cos_BxLxF, sin_BxLxF, r: int):
+    yt = jnp.transpose(y_BxLxGxExD, (0, 2, 1, 3, 4))  # [B, G, L, R + 2, D]
+    b, g, l, _, d = yt.shape
+    cos, sin = cos_BxLxF[:, None, :, None, :], sin_BxLxF[:, None, :, None, :]
+    qk = rotate_pairs(yt[..., :r + 1, :].astype(jnp.float32), cos, sin).astype(yt.dtype)
+    return qk[..., :r, :].reshape(b, g, l * r, d), qk[..., r, :], yt[..., r + 1, :]
+
+
+def _heads_first_qkv_fwd(y, cos, sin, r):
+    return _heads_first_qkv_impl(y, cos, sin, r), (cos, sin)
+
+
+def _heads_first_qkv_bwd(r, res, cts):
+    # RoPE's transpose is the rotation by -angle; the three cotangents go back into the fused [B, L, G, R + 2, D]
+    # layout in one pass (no pads and adds of the slices, no separate transposes).
+    cos, sin = res
+    dq, dk, dv = cts
+    b, g, n, d = dq.shape
+    c, s = cos[:, None, :, None, :], sin[:, None, :, None, :]
+    dqk = jnp.concatenate([dq.reshape(b, g, n // r, r, d), dk[..., None, :]], axis=3)
+    dqk = rotate_pairs(dqk.astype(jnp.float32), c, -s).astype(dv.dtype)
+    dy = jnp.concatenate([dqk, dv[..., None, :]], axis=3)
+    return jnp.transpose(dy, (0, 2, 1, 3, 4)), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+heads_first_qkv = jax.custom_vjp(_heads_first_qkv_impl, nondiff_argnums=(3,))
+heads_first_qkv.__doc__ = """The fused q/k/v projection's output y [B, L, G, R + 2, D] as heads-first operands of
+`causal_attention_heads_first` with RoPE (angles cos/sin [B, L, D/2]) on q and k: q [B, G, L * R, D] (row =
+position * R + r), k and v [B, G, L, D]. Same values as `Attention.qkv` plus the transposes; the backward pass
+writes the fused layout's cotangent in one fusion."""
+heads_first_qkv.defvjp(_heads_first_qkv_fwd, _heads_first_qkv_bwd)
+
+
 # ---- the projections, and the two mixers -------------------------------------------------------------------
 class Attention(nnx.Module):
     """Grouped-query q/k/v and output projections with RoPE; the mixers below choose what keys a query sees."""
@@ -311,16 +358,30 @@ class Attention(nnx.Module):
                                    out_sharding=("kv_heads",)) if qkv_bias else None)
         self.o = dense(n_heads * head_dim, d_model, ("heads", "embed"), scale=out_scale, **kw)
 
-    def qkv(self, x_BxLxD, pos_BxL):
-        b, l, _ = x_BxLxD.shape
+    def _fused_qkv(self, x_BxLxD):
         y = self.qkv_proj(x_BxLxD)  # [B, L, G, R + 2, hd]
         if self.qkv_bias is not None:
             y = y + self.qkv_bias[...].astype(y.dtype).reshape(y.shape[-3:])
+        return y
+
+    def qkv(self, x_BxLxD, pos_BxL):
+        b, l, _ = x_BxLxD.shape
+        y = self._fused_qkv(x_BxLxD)
         q, k, v = split_heads(y, (self.r, 1, 1), 3)
         q = q.reshape(b, l, self.n_heads, self.head_dim)
         k, v = k[:, :, :, 0], v[:, :, :, 0]
         sc = self.rope_scaling
         return rope(q, pos_BxL, self.rope_base, sc), rope(k, pos_BxL, self.rope_base, sc), v
+
+    def full_forward(self, x_BxLxD, pos_BxL, window: int = 0):
+        """The causal (windowed) self-attention of a full forward without prefix, positions 0..L-1 (pos_BxL
+        is not read: RoPE's angles and the masks are constants of L): heads-first q/k/v out of the fused
+        projection (`heads_first_qkv`), `causal_attention_heads_first`, out."""
+        del pos_BxL
+        cos, sin = rope_table(x_BxLxD.shape[1], self.head_dim, self.rope_base, self.rope_scaling)
+        q, k, v = heads_first_qkv(self._fused_qkv(x_BxLxD), cos, sin, self.r)
+        o = causal_attention_heads_first(q, k, v, window=window)
+        return self.out(rows_to_tokens(o, x_BxLxD.shape[1]).astype(self.dtype))
 
     def out(self, o_BxLxHxD):
         b, l = o_BxLxHxD.shape[:2]
@@ -346,6 +407,8 @@ class GlobalAttention(Attention):
         self.block = block
 
     def __call__(self, x_BxLxD, pos_BxL, prefix_len_B=None):
+        if prefix_len_B is None:
+            return self.full_forward(x_BxLxD, pos_BxL)
         q, k, v = self.qkv(x_BxLxD, pos_BxL)
         return self.out(causal_attention(q, k, v, pos_BxL, prefix_len_B=prefix_len_B))
 
@@ -396,9 +459,9 @@ class SlidingWindowAttention(Attention):
         self.window = window
 
     def __call__(self, x_BxLxD, pos_BxL, prefix_len_B=None):
-        q, k, v = self.qkv(x_BxLxD, pos_BxL)
         if prefix_len_B is None and x_BxLxD.shape[1] <= 2 * self.window:  # one block: skip what the window hides
-            return self.out(causal_attention(q, k, v, pos_BxL, window=self.window))
+            return self.full_forward(x_BxLxD, pos_BxL, self.window)
+        q, k, v = self.qkv(x_BxLxD, pos_BxL)
         return self.out(sliding_window_attention(q, k, v, pos_BxL, window=self.window, prefix_len_B=prefix_len_B))
 
     def cache_capacity(self, max_len: int) -> int:
