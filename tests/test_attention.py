@@ -171,3 +171,32 @@ def test_causal_attention_values_and_gradients_match_the_plain_equations(monkeyp
     check(lambda q, k, v: causal_attention(q, k, v, pos[:, :m]), lambda i, j: j <= i, q[:, :m], k[:, :m], v[:, :m])
     prefix = jnp.array([5, 5], jnp.int32)  # the same prefix in both rows (the plain mask is per query, key)
     check(lambda q, k, v: causal_attention(q, k, v, pos, prefix_len_B=prefix), lambda i, j: j <= i or j < 5)
+
+
+def test_mixer_full_forward_gradients_match_the_plain_equations():
+    """The training path of both mixers (heads-first q/k/v out of the fused projection with RoPE, its own
+    backward pass into the fused layout, the chunked kernel) against the mixer's own `qkv` (token-major,
+    JAX's derivative) around the plain equations: the output and the gradients of x and of every parameter
+    (q/k/v kernel and bias, out kernel), causal and windowed."""
+    cases = [(GlobalAttention, dict(block=16), lambda i, j: j <= i),
+             (SlidingWindowAttention, dict(window=24), lambda i, j: 0 <= i - j < 24)]  # L <= 2W: the chunked kernel
+    x, pos = _inputs(4)
+    ct = jax.random.normal(jax.random.key(5), (B, L, D))
+    for cls, kw, visible in cases:
+        mixer = cls(D, H, G, HD, rope_base=10000.0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
+                    qkv_bias=True, **kw)
+        gdef, params = nnx.split(mixer)
+        params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(6), a.shape), params)  # bias != 0
+
+        def ours(params, x):
+            return jnp.sum(nnx.merge(gdef, params)(x, pos) * ct)
+
+        def plain(params, x):
+            m = nnx.merge(gdef, params)
+            q, k, v = m.qkv(x, pos)
+            return jnp.sum(m.out(_plain_attention_jnp(q, k, v, visible)) * ct)
+
+        got = jax.jit(jax.value_and_grad(ours, (0, 1)))(params, x)
+        want = jax.jit(jax.value_and_grad(plain, (0, 1)))(params, x)
+        for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, e, atol=1e-4, rtol=1e-5)
