@@ -54,25 +54,15 @@ Q_CHUNK_MIN = 64  # ... each of at least this many queries
 
 def causal_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, pos_BxL, *, window: int = 0, prefix_len_B=None):
     """Self-attention of a full forward (pos[b, i] = i, as `full_positions` gives): `key_visible` with the
-    window, and with a prefix-LM prefix.
-
-    Causal (no prefix): the queries go in Q_CHUNKS chunks and chunk [a, b) reads only keys [a - W + 1, b)
-    (W = window, or all keys from 0): the keys after b are invisible to all of its queries, and so are those
-    at or before a - W. This skips the score blocks above the diagonal (and beyond the window), which a dense
-    masked attention computes, masks, exponentiates and differentiates for nothing: at L = 256 with 4 chunks
-    it does 5/8 of the work (SWA with W = L/2: 9/16). Each chunk is one `_rows_attention` (its own VJP, a
-    static mask from the positions 0..L-1). Same masks, same softmax, so the results equal the dense
-    attention's to fp32 rounding (a row's sum runs over fewer exact zeros).
-    With a prefix (prefix LM) a chunk's keys depend on the data: one dense masked attention.
-    """
+    window, and with a prefix-LM prefix. Token-major operands around `causal_attention_heads_first`, which the
+    mixers' full forward calls directly (`Attention.full_forward`); pos_BxL must be 0..L-1 and is not read."""
+    del pos_BxL
     b, l, h, d = q_BxLxHxD.shape
-    if prefix_len_B is not None:
-        return masked_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, causal_mask(pos_BxL, prefix_len_B, window))
     g = k_BxLxGxD.shape[2]
     # heads first, the R query heads of a KV group folded into the rows: row l * R + r
     q_BxGxNxD = jnp.transpose(_grouped(q_BxLxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, l * (h // g), d)
     k_BxGxLxD, v_BxGxLxD = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxLxGxD, v_BxLxGxD))
-    o_BxGxNxD = causal_attention_heads_first(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, window=window)
+    o_BxGxNxD = causal_attention_heads_first(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, window=window, prefix_len_B=prefix_len_B)
     return rows_to_tokens(o_BxGxNxD, l).astype(q_BxLxHxD.dtype)
 
 
@@ -83,51 +73,63 @@ def rows_to_tokens(o_BxGxNxD, l: int):
     return jnp.transpose(o_BxGxNxD.reshape(b, g, l, r, d), (0, 2, 1, 3, 4)).reshape(b, l, g * r, d)
 
 
-def causal_attention_heads_first(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, *, window: int = 0):
-    """`causal_attention` (no prefix) on heads-first operands: q [B, G, L * R, D] with row = position * R + r,
-    k/v [B, G, L, D], positions 0..L-1; o [B, G, L * R, D] in fp32. Queries in Q_CHUNKS chunks (see there)."""
+def causal_attention_heads_first(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, *, window: int = 0, prefix_len_B=None):
+    """Self-attention of a full forward on heads-first operands: q [B, G, L * R, D] with row = position * R + r,
+    k/v [B, G, L, D], positions 0..L-1, visibility `key_visible` (window, prefix LM); o [B, G, L * R, D] fp32.
+
+    Causal (no prefix): the queries go in Q_CHUNKS chunks and chunk [a, b) reads only keys [a - W + 1, b)
+    (W = window, or all keys from 0): the keys after b are invisible to all of its queries, and so are those
+    at or before a - W. This skips the score blocks above the diagonal (and beyond the window), which a dense
+    masked attention computes, masks, exponentiates and differentiates for nothing: at L = 256 with 4 chunks
+    it does 5/8 of the work (SWA with W = L/2: 9/16). Each chunk's mask is a constant of the positions.
+    With a prefix (prefix LM) a chunk's keys depend on the data: one block, the mask [B, L, L] from the
+    prefix lengths. Every block is one `_rows_attention` (written-out backward pass). Same masks and softmax
+    as a dense masked attention, so the results equal its results to fp32 rounding.
+    """
     l = k_BxGxLxD.shape[2]
     r = q_BxGxNxD.shape[2] // l
+    if prefix_len_B is not None:
+        pos = jnp.arange(l, dtype=jnp.int32)
+        vis_BxLxL = key_visible(pos[None, :, None], pos[None, None, :], window=window,
+                                prefix_len=prefix_len_B[:, None, None])
+        return _rows_attention(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, jnp.repeat(vis_BxLxL, r, axis=1)[:, None])
     c = max(Q_CHUNK_MIN, -(-l // Q_CHUNKS))
     outs = []
     for a in range(0, l, c):
         e = min(a + c, l)
         lo = max(0, a - window + 1) if window else 0
+        vis = key_visible(np.arange(a, e)[:, None], np.arange(lo, e)[None, :], window=window)
         outs.append(_rows_attention(q_BxGxNxD[:, :, a * r:e * r], k_BxGxLxD[:, :, lo:e], v_BxGxLxD[:, :, lo:e],
-                                    (a, e, lo, r, window)))
+                                    np.repeat(np.asarray(vis), r, axis=0)))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
-def _rows_mask(spec):
-    """The static [N, S] visibility of a `_rows_attention` block: queries a..e-1 (R rows each), keys lo..e-1."""
-    a, e, lo, r, window = spec
-    vis = key_visible(np.arange(a, e)[:, None], np.arange(lo, e)[None, :], window=window)
-    return np.repeat(np.asarray(vis), r, axis=0)
-
-
-def _rows_fwd_math(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, spec):
+def _rows_fwd_math(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, vis):
     s = jnp.einsum("bgnd,bgsd->bgns", q_BxGxNxD, k_BxGxSxD,
                    preferred_element_type=jnp.float32) / math.sqrt(q_BxGxNxD.shape[-1])
-    p = jax.nn.softmax(jnp.where(_rows_mask(spec), s, NEG_INF), axis=-1)
+    p = jax.nn.softmax(jnp.where(vis, s, NEG_INF), axis=-1)
     o = jnp.einsum("bgns,bgsd->bgnd", p.astype(v_BxGxSxD.dtype), v_BxGxSxD, preferred_element_type=jnp.float32)
     return o, p
 
 
-def _rows_attention_impl(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, spec):
-    return _rows_fwd_math(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, spec)[0]
+@jax.custom_vjp
+def _rows_attention(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, vis):
+    """Attention of heads-first query rows: q [B, G, N, D] (the query heads of a KV group in the rows), k/v
+    [B, G, S, D], vis (bool, broadcasting to [B, G, N, S]: a constant [N, S] or the data's [B, 1, N, S]), at least
+    one visible key per row; o [B, G, N, D] in fp32. Softmax in fp32; the backward pass is written out."""
+    return _rows_fwd_math(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, vis)[0]
 
 
-def _rows_attention_fwd(q, k, v, spec):
-    o, p = _rows_fwd_math(q, k, v, spec)
+def _rows_attention_fwd(q, k, v, vis):
+    o, p = _rows_fwd_math(q, k, v, vis)
     return o, (q, k, v, o, jnp.swapaxes(p, -1, -2))
 
 
-def _rows_attention_bwd(spec, res, do_BxGxNxD):
+def _rows_attention_bwd(res, do_BxGxNxD):
     # With P^T [S, N] saved, every product's left operand contracts over its last dimension (the layout
     # XLA:CPU's YNNPACK GEMMs take; the other orientation falls back to slower Eigen dots or transposes):
     #   dV = P^T dO,  dP^T = V dO^T,  dS^T = P^T * (dP^T - rowsum(dO * O)) / sqrt(d),  dK = dS^T Q,  dQ = dS K.
     # Masked entries of P^T are exact zeros, so dS^T is zero there: no mask in the backward pass.
-    del spec
     q, k, v, o, pt_BxGxSxN = res
     do = do_BxGxNxD.astype(jnp.float32)
     dv = jnp.einsum("bgsn,bgnd->bgsd", pt_BxGxSxN, do)
@@ -136,14 +138,9 @@ def _rows_attention_bwd(spec, res, do_BxGxNxD):
     dst = pt_BxGxSxN * (dpt - delta_BxGxN[:, :, None, :]) / math.sqrt(q.shape[-1])
     dk = jnp.einsum("bgsn,bgnd->bgsd", dst, q.astype(jnp.float32))
     dq = jnp.einsum("bgsn,bgsd->bgnd", dst, k.astype(jnp.float32))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_rows_attention = jax.custom_vjp(_rows_attention_impl, nondiff_argnums=(3,))
-_rows_attention.__doc__ = """Causal (or windowed) attention of one query chunk, heads first with the query heads
-of a KV group in the rows: q [B, G, N, D] (row = query * R + r), k/v [B, G, S, D], o [B, G, N, D] in fp32.
-spec = (a, e, lo, R, W): queries a..e-1 over keys lo..e-1, visibility `key_visible` (static). Softmax in fp32;
-the backward pass is written out (see `_rows_attention_bwd`)."""
 _rows_attention.defvjp(_rows_attention_fwd, _rows_attention_bwd)
 
 
@@ -373,14 +370,14 @@ class Attention(nnx.Module):
         sc = self.rope_scaling
         return rope(q, pos_BxL, self.rope_base, sc), rope(k, pos_BxL, self.rope_base, sc), v
 
-    def full_forward(self, x_BxLxD, pos_BxL, window: int = 0):
-        """The causal (windowed) self-attention of a full forward without prefix, positions 0..L-1 (pos_BxL
+    def full_forward(self, x_BxLxD, pos_BxL, window: int = 0, prefix_len_B=None):
+        """The causal (windowed, prefix-LM) self-attention of a full forward, positions 0..L-1 (pos_BxL
         is not read: RoPE's angles and the masks are constants of L): heads-first q/k/v out of the fused
         projection (`heads_first_qkv`), `causal_attention_heads_first`, out."""
         del pos_BxL
         cos, sin = rope_table(x_BxLxD.shape[1], self.head_dim, self.rope_base, self.rope_scaling)
         q, k, v = heads_first_qkv(self._fused_qkv(x_BxLxD), cos, sin, self.r)
-        o = causal_attention_heads_first(q, k, v, window=window)
+        o = causal_attention_heads_first(q, k, v, window=window, prefix_len_B=prefix_len_B)
         return self.out(rows_to_tokens(o, x_BxLxD.shape[1]).astype(self.dtype))
 
     def out(self, o_BxLxHxD):
@@ -407,10 +404,7 @@ class GlobalAttention(Attention):
         self.block = block
 
     def __call__(self, x_BxLxD, pos_BxL, prefix_len_B=None):
-        if prefix_len_B is None:
-            return self.full_forward(x_BxLxD, pos_BxL)
-        q, k, v = self.qkv(x_BxLxD, pos_BxL)
-        return self.out(causal_attention(q, k, v, pos_BxL, prefix_len_B=prefix_len_B))
+        return self.full_forward(x_BxLxD, pos_BxL, prefix_len_B=prefix_len_B)
 
     def cache_capacity(self, max_len: int) -> int:
         """Slots allocated for max_len positions: rounded up to the prefill block."""
