@@ -15,11 +15,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.contract import KVCache, RingCache, attention_flops_per_token, key_visible, round_up
-from models.layers import (NEG_INF, Projection, dense, rope, scatter_rows, scatter_rows_heads_first,
-                           split_heads)
+from models.layers import (NEG_INF, Projection, dense, rope, rope_table, rotate_pairs, scatter_rows,
+                           scatter_rows_heads_first, split_heads)
 
 
 # ---- dense attention with an explicit mask (full forward) ------------------------------------------------
@@ -53,28 +54,94 @@ Q_CHUNK_MIN = 64  # ... each of at least this many queries
 
 def causal_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, pos_BxL, *, window: int = 0, prefix_len_B=None):
     """Self-attention of a full forward (pos[b, i] = i, as `full_positions` gives): `key_visible` with the
-    window, and with a prefix-LM prefix.
+    window, and with a prefix-LM prefix. Token-major operands around `causal_attention_heads_first`, which the
+    mixers' full forward calls directly (`Attention.full_forward`); pos_BxL must be 0..L-1 and is not read."""
+    del pos_BxL
+    b, l, h, d = q_BxLxHxD.shape
+    g = k_BxLxGxD.shape[2]
+    # heads first, the R query heads of a KV group folded into the rows: row l * R + r
+    q_BxGxNxD = jnp.transpose(_grouped(q_BxLxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, l * (h // g), d)
+    k_BxGxLxD, v_BxGxLxD = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxLxGxD, v_BxLxGxD))
+    o_BxGxNxD = causal_attention_heads_first(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, window=window, prefix_len_B=prefix_len_B)
+    return rows_to_tokens(o_BxGxNxD, l).astype(q_BxLxHxD.dtype)
+
+
+def rows_to_tokens(o_BxGxNxD, l: int):
+    """[B, G, L * R, D] (row = position * R + r) -> [B, L, H, D] (head h = g * R + r)."""
+    b, g, n, d = o_BxGxNxD.shape
+    r = n // l
+    return jnp.transpose(o_BxGxNxD.reshape(b, g, l, r, d), (0, 2, 1, 3, 4)).reshape(b, l, g * r, d)
+
+
+def causal_attention_heads_first(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, *, window: int = 0, prefix_len_B=None):
+    """Self-attention of a full forward on heads-first operands: q [B, G, L * R, D] with row = position * R + r,
+    k/v [B, G, L, D], positions 0..L-1, visibility `key_visible` (window, prefix LM); o [B, G, L * R, D] fp32.
 
     Causal (no prefix): the queries go in Q_CHUNKS chunks and chunk [a, b) reads only keys [a - W + 1, b)
     (W = window, or all keys from 0): the keys after b are invisible to all of its queries, and so are those
     at or before a - W. This skips the score blocks above the diagonal (and beyond the window), which a dense
     masked attention computes, masks, exponentiates and differentiates for nothing: at L = 256 with 4 chunks
-    it does 5/8 of the work (SWA with W = L/2: 9/16). Same masks, same softmax, so the results equal the dense
-    attention's to fp32 rounding (a row's sum runs over fewer exact zeros). Measured on the 2-core CPU, fwd +
-    bwd at B 16, L 256, 4 heads / 2 KV heads of 48: 1.4-1.6x faster than the dense masked attention.
-    With a prefix (prefix LM) a chunk's keys depend on the data: one dense masked attention.
+    it does 5/8 of the work (SWA with W = L/2: 9/16). Each chunk's mask is a constant of the positions.
+    With a prefix (prefix LM) a chunk's keys depend on the data: one block, the mask [B, L, L] from the
+    prefix lengths. Every block is one `_rows_attention` (written-out backward pass). Same masks and softmax
+    as a dense masked attention, so the results equal its results to fp32 rounding.
     """
-    l = q_BxLxHxD.shape[1]
+    l = k_BxGxLxD.shape[2]
+    r = q_BxGxNxD.shape[2] // l
+    if prefix_len_B is not None:
+        pos = jnp.arange(l, dtype=jnp.int32)
+        vis_BxLxL = key_visible(pos[None, :, None], pos[None, None, :], window=window,
+                                prefix_len=prefix_len_B[:, None, None])
+        return _rows_attention(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, jnp.repeat(vis_BxLxL, r, axis=1)[:, None])
     c = max(Q_CHUNK_MIN, -(-l // Q_CHUNKS))
-    if prefix_len_B is not None or l <= c:
-        return masked_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, causal_mask(pos_BxL, prefix_len_B, window))
     outs = []
     for a in range(0, l, c):
-        b = min(a + c, l)
+        e = min(a + c, l)
         lo = max(0, a - window + 1) if window else 0
-        vis = key_visible(pos_BxL[:, a:b, None], pos_BxL[:, None, lo:b], window=window)
-        outs.append(masked_attention(q_BxLxHxD[:, a:b], k_BxLxGxD[:, lo:b], v_BxLxGxD[:, lo:b], vis))
-    return jnp.concatenate(outs, axis=1)
+        vis = key_visible(np.arange(a, e)[:, None], np.arange(lo, e)[None, :], window=window)
+        outs.append(_rows_attention(q_BxGxNxD[:, :, a * r:e * r], k_BxGxLxD[:, :, lo:e], v_BxGxLxD[:, :, lo:e],
+                                    np.repeat(np.asarray(vis), r, axis=0)))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+
+
+def _rows_fwd_math(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, vis):
+    s = jnp.einsum("bgnd,bgsd->bgns", q_BxGxNxD, k_BxGxSxD,
+                   preferred_element_type=jnp.float32) / math.sqrt(q_BxGxNxD.shape[-1])
+    p = jax.nn.softmax(jnp.where(vis, s, NEG_INF), axis=-1)
+    o = jnp.einsum("bgns,bgsd->bgnd", p.astype(v_BxGxSxD.dtype), v_BxGxSxD, preferred_element_type=jnp.float32)
+    return o, p
+
+
+@jax.custom_vjp
+def _rows_attention(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, vis):
+    """Attention of heads-first query rows: q [B, G, N, D] (the query heads of a KV group in the rows), k/v
+    [B, G, S, D], vis (bool, broadcasting to [B, G, N, S]: a constant [N, S] or the data's [B, 1, N, S]), at least
+    one visible key per row; o [B, G, N, D] in fp32. Softmax in fp32; the backward pass is written out."""
+    return _rows_fwd_math(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, vis)[0]
+
+
+def _rows_attention_fwd(q, k, v, vis):
+    o, p = _rows_fwd_math(q, k, v, vis)
+    return o, (q, k, v, o, jnp.swapaxes(p, -1, -2))
+
+
+def _rows_attention_bwd(res, do_BxGxNxD):
+    # With P^T [S, N] saved, every product's left operand contracts over its last dimension (the layout
+    # XLA:CPU's YNNPACK GEMMs take; the other orientation falls back to slower Eigen dots or transposes):
+    #   dV = P^T dO,  dP^T = V dO^T,  dS^T = P^T * (dP^T - rowsum(dO * O)) / sqrt(d),  dK = dS^T Q,  dQ = dS K.
+    # Masked entries of P^T are exact zeros, so dS^T is zero there: no mask in the backward pass.
+    q, k, v, o, pt_BxGxSxN = res
+    do = do_BxGxNxD.astype(jnp.float32)
+    dv = jnp.einsum("bgsn,bgnd->bgsd", pt_BxGxSxN, do)
+    dpt = jnp.einsum("bgsd,bgnd->bgsn", v.astype(jnp.float32), do)
+    delta_BxGxN = jnp.sum(do * o, axis=-1)
+    dst = pt_BxGxSxN * (dpt - delta_BxGxN[:, :, None, :]) / math.sqrt(q.shape[-1])
+    dk = jnp.einsum("bgsn,bgnd->bgsd", dst, q.astype(jnp.float32))
+    dq = jnp.einsum("bgsn,bgsd->bgnd", dst, k.astype(jnp.float32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_rows_attention.defvjp(_rows_attention_fwd, _rows_attention_bwd)
 
 
 # ---- attention over a KV cache (slot = position) ---------------------------------------------------------
@@ -231,6 +298,40 @@ def sliding_window_attention(q_BxKxHxD, k_BxKxGxD, v_BxKxGxD, pos_BxK, *, window
     return o.reshape(b, n * c, h, d)[:, :kq].astype(q_BxKxHxD.dtype)
 
 
+# ---- heads-first q/k/v for the training kernel ----------------------------------------------------------------
+def _heads_first_qkv_impl(y_BxLxGxExD, cos_BxLxF, sin_BxLxF, r: int):
+    yt = jnp.transpose(y_BxLxGxExD, (0, 2, 1, 3, 4))  # [B, G, L, R + 2, D]
+    b, g, l, _, d = yt.shape
+    cos, sin = cos_BxLxF[:, None, :, None, :], sin_BxLxF[:, None, :, None, :]
+    qk = rotate_pairs(yt[..., :r + 1, :].astype(jnp.float32), cos, sin).astype(yt.dtype)
+    return qk[..., :r, :].reshape(b, g, l * r, d), qk[..., r, :], yt[..., r + 1, :]
+
+
+def _heads_first_qkv_fwd(y, cos, sin, r):
+    return _heads_first_qkv_impl(y, cos, sin, r), (cos, sin)
+
+
+def _heads_first_qkv_bwd(r, res, cts):
+    # RoPE's transpose is the rotation by -angle; the three cotangents go back into the fused [B, L, G, R + 2, D]
+    # layout in one pass (no pads and adds of the slices, no separate transposes).
+    cos, sin = res
+    dq, dk, dv = cts
+    b, g, n, d = dq.shape
+    c, s = cos[:, None, :, None, :], sin[:, None, :, None, :]
+    dqk = jnp.concatenate([dq.reshape(b, g, n // r, r, d), dk[..., None, :]], axis=3)
+    dqk = rotate_pairs(dqk.astype(jnp.float32), c, -s).astype(dv.dtype)
+    dy = jnp.concatenate([dqk, dv[..., None, :]], axis=3)
+    return jnp.transpose(dy, (0, 2, 1, 3, 4)), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+heads_first_qkv = jax.custom_vjp(_heads_first_qkv_impl, nondiff_argnums=(3,))
+heads_first_qkv.__doc__ = """The fused q/k/v projection's output y [B, L, G, R + 2, D] as heads-first operands of
+`causal_attention_heads_first` with RoPE (angles cos/sin [B, L, D/2]) on q and k: q [B, G, L * R, D] (row =
+position * R + r), k and v [B, G, L, D]. Same values as `Attention.qkv` plus the transposes; the backward pass
+writes the fused layout's cotangent in one fusion."""
+heads_first_qkv.defvjp(_heads_first_qkv_fwd, _heads_first_qkv_bwd)
+
+
 # ---- the projections, and the two mixers -------------------------------------------------------------------
 class Attention(nnx.Module):
     """Grouped-query q/k/v and output projections with RoPE; the mixers below choose what keys a query sees."""
@@ -254,16 +355,30 @@ class Attention(nnx.Module):
                                    out_sharding=("kv_heads",)) if qkv_bias else None)
         self.o = dense(n_heads * head_dim, d_model, ("heads", "embed"), scale=out_scale, **kw)
 
-    def qkv(self, x_BxLxD, pos_BxL):
-        b, l, _ = x_BxLxD.shape
+    def _fused_qkv(self, x_BxLxD):
         y = self.qkv_proj(x_BxLxD)  # [B, L, G, R + 2, hd]
         if self.qkv_bias is not None:
             y = y + self.qkv_bias[...].astype(y.dtype).reshape(y.shape[-3:])
+        return y
+
+    def qkv(self, x_BxLxD, pos_BxL):
+        b, l, _ = x_BxLxD.shape
+        y = self._fused_qkv(x_BxLxD)
         q, k, v = split_heads(y, (self.r, 1, 1), 3)
         q = q.reshape(b, l, self.n_heads, self.head_dim)
         k, v = k[:, :, :, 0], v[:, :, :, 0]
         sc = self.rope_scaling
         return rope(q, pos_BxL, self.rope_base, sc), rope(k, pos_BxL, self.rope_base, sc), v
+
+    def full_forward(self, x_BxLxD, pos_BxL, window: int = 0, prefix_len_B=None):
+        """The causal (windowed, prefix-LM) self-attention of a full forward, positions 0..L-1 (pos_BxL
+        is not read: RoPE's angles and the masks are constants of L): heads-first q/k/v out of the fused
+        projection (`heads_first_qkv`), `causal_attention_heads_first`, out."""
+        del pos_BxL
+        cos, sin = rope_table(x_BxLxD.shape[1], self.head_dim, self.rope_base, self.rope_scaling)
+        q, k, v = heads_first_qkv(self._fused_qkv(x_BxLxD), cos, sin, self.r)
+        o = causal_attention_heads_first(q, k, v, window=window, prefix_len_B=prefix_len_B)
+        return self.out(rows_to_tokens(o, x_BxLxD.shape[1]).astype(self.dtype))
 
     def out(self, o_BxLxHxD):
         b, l = o_BxLxHxD.shape[:2]
@@ -289,8 +404,7 @@ class GlobalAttention(Attention):
         self.block = block
 
     def __call__(self, x_BxLxD, pos_BxL, prefix_len_B=None):
-        q, k, v = self.qkv(x_BxLxD, pos_BxL)
-        return self.out(causal_attention(q, k, v, pos_BxL, prefix_len_B=prefix_len_B))
+        return self.full_forward(x_BxLxD, pos_BxL, prefix_len_B=prefix_len_B)
 
     def cache_capacity(self, max_len: int) -> int:
         """Slots allocated for max_len positions: rounded up to the prefill block."""
@@ -339,9 +453,9 @@ class SlidingWindowAttention(Attention):
         self.window = window
 
     def __call__(self, x_BxLxD, pos_BxL, prefix_len_B=None):
-        q, k, v = self.qkv(x_BxLxD, pos_BxL)
         if prefix_len_B is None and x_BxLxD.shape[1] <= 2 * self.window:  # one block: skip what the window hides
-            return self.out(causal_attention(q, k, v, pos_BxL, window=self.window))
+            return self.full_forward(x_BxLxD, pos_BxL, self.window)
+        q, k, v = self.qkv(x_BxLxD, pos_BxL)
         return self.out(sliding_window_attention(q, k, v, pos_BxL, window=self.window, prefix_len_B=prefix_len_B))
 
     def cache_capacity(self, max_len: int) -> int:

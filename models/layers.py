@@ -132,36 +132,50 @@ def rope_inv_freq(d: int, base: float = 10000.0, scaling: tuple = ()):
 def rope(x_BxLxHxD, pos_BxL, base: float = 10000.0, scaling: tuple = ()):
     """Rotary embedding, half-split (NeoX) layout. Angles in fp32: bf16 angles break at long positions.
     `scaling`: see `rope_inv_freq` (() = plain RoPE)."""
-    d = x_BxLxHxD.shape[-1]
+    cos, sin = rope_angles(pos_BxL, x_BxLxHxD.shape[-1], base, scaling)
+    return rotate_half(x_BxLxHxD.astype(jnp.float32), cos[:, :, None, :], sin[:, :, None, :]).astype(x_BxLxHxD.dtype)
+
+
+def rope_table(l: int, d: int, base: float = 10000.0, scaling: tuple = ()):
+    """cos and sin [1, l, d/2] of positions 0..l-1 as trace-time constants (numpy, fp32 angles as `rope_angles`
+    computes them). XLA:CPU otherwise recomputes cos and sin of traced angles inside every fusion that reads
+    them (per element of q and k, forward and backward)."""
+    import numpy as np
+
+    ang = np.arange(l, dtype=np.float32)[:, None] * rope_inv_freq(d, base, scaling)[None, :]
+    return np.cos(ang).astype(np.float32)[None], np.sin(ang).astype(np.float32)[None]
+
+
+def rope_angles(pos_BxL, d: int, base: float = 10000.0, scaling: tuple = ()):
+    """cos and sin [B, L, d/2] (fp32) of RoPE's angles at the positions (see `rope`)."""
     half = d // 2
     if scaling:
         inv_freq = jnp.asarray(rope_inv_freq(d, base, scaling))
     else:
         inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
     ang_BxLxF = pos_BxL.astype(jnp.float32)[..., None] * inv_freq
-    cos = jnp.cos(ang_BxLxF)[:, :, None, :]
-    sin = jnp.sin(ang_BxLxF)[:, :, None, :]
-    return rotate_half(x_BxLxHxD.astype(jnp.float32), cos, sin).astype(x_BxLxHxD.dtype)
+    return jnp.cos(ang_BxLxF), jnp.sin(ang_BxLxF)
 
 
-def _rotate_half(x, cos, sin):
+def rotate_pairs(x, cos, sin):
+    """The plain rotation of `rotate_half` (no custom VJP), for kernels that write their own backward pass."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def _rotate_half_fwd(x, cos, sin):
-    return _rotate_half(x, cos, sin), (cos, sin)
+    return rotate_pairs(x, cos, sin), (cos, sin)
 
 
 def _rotate_half_bwd(res, dy):
     # The rotation's transpose is the rotation by -angle: one fusion, where JAX's derivative slices the
     # cotangent, multiplies, pads each half back and adds. Angles come from integer positions: no gradient.
     cos, sin = res
-    return _rotate_half(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+    return rotate_pairs(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
-rotate_half = jax.custom_vjp(_rotate_half)
+rotate_half = jax.custom_vjp(rotate_pairs)
 rotate_half.__doc__ = "RoPE's rotation of the half-split pairs (x1, x2) of x[..., D] by the angles of cos/sin [..., D/2]."
 rotate_half.defvjp(_rotate_half_fwd, _rotate_half_bwd)
 

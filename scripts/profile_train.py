@@ -50,6 +50,7 @@ RULES = (
     ("models/layers.py", "_silu_mul", "mlp elementwise"),
     ("models/layers.py", "_split", "mlp elementwise"),
     ("models/layers.py", "_rotate_half", "rope / norm"),
+    ("models/layers.py", "rotate_pairs", "rope / norm"),
     ("models/layers.py", "rope", "rope / norm"),
     ("models/layers.py", "RMSNorm", "rope / norm"),
     ("models/layers.py", "Projection", "matmul (params)"),

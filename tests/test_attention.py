@@ -121,3 +121,82 @@ def test_key_visible_window_and_prefix_cases():
                       prefix_len=jnp.array(PREFIX, jnp.int32)[:, None, None])
     assert bool(pre[0, 3, 10]) and not bool(pre[0, 3, 11]) and not bool(pre[1, 3, 10])
     assert bool(pre[0, 12, 5]) and not bool(pre[0, 13, 14])  # targets stay causal
+
+
+def _plain_attention_jnp(q, k, v, visible):
+    """The equations in jnp with a mask spelled out query by query (visible(i, j) -> bool); JAX's own autodiff
+    of this gives the reference gradients: o_i = sum_j softmax_j(q_i . k_j / sqrt(d)) v_j, GQA head h reading
+    KV head h // R."""
+    l, s = q.shape[1], k.shape[1]
+    r = q.shape[2] // k.shape[2]
+    mask = np.array([[visible(i, j) for j in range(s)] for i in range(l)])
+    kk, vv = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
+    sc = jnp.einsum("bihd,bjhd->bhij", q, kk) / math.sqrt(q.shape[-1])
+    e = jnp.where(mask, jnp.exp(sc - jnp.max(jnp.where(mask, sc, -jnp.inf), -1, keepdims=True)), 0.0)
+    return jnp.einsum("bhij,bjhd->bihd", e / e.sum(-1, keepdims=True), vv)
+
+
+def test_causal_attention_values_and_gradients_match_the_plain_equations(monkeypatch):
+    """The training kernel (`causal_attention`: query chunks, each with its own written-out backward pass)
+    against the plain equations, values and the gradients of q, k and v: causal and sliding window over
+    3 chunks whose last one is shorter (L = 37, chunks of 13), one chunk, GQA (2 query heads per KV head),
+    and the prefix-LM fallback."""
+    from models import attention
+    from models.attention import causal_attention
+
+    monkeypatch.setattr(attention, "Q_CHUNKS", 3)
+    monkeypatch.setattr(attention, "Q_CHUNK_MIN", 8)
+    b, n, h, g, d = 2, 37, 4, 2, 8
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(ks[0], (b, n, h, d)) * 2
+    k = jax.random.normal(ks[1], (b, n, g, d)) * 2
+    v = jax.random.normal(ks[2], (b, n, g, d))
+    ct = jax.random.normal(ks[3], (b, n, h, d))
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+
+    def vg(fn, *args):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * ct[:, :q.shape[1]]), (0, 1, 2)))(*args)
+
+    def check(ours, visible, q=q, k=k, v=v):
+        got = vg(ours, q, k, v)
+        want = vg(lambda q, k, v: _plain_attention_jnp(q, k, v, visible), q, k, v)
+        for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, e, atol=2e-5, rtol=2e-5)
+
+    check(lambda q, k, v: causal_attention(q, k, v, pos), lambda i, j: j <= i)
+    w = 6
+    check(lambda q, k, v: causal_attention(q, k, v, pos, window=w), lambda i, j: 0 <= i - j < w)
+    m = 11  # one chunk: L <= Q_CHUNK_MIN
+    monkeypatch.setattr(attention, "Q_CHUNK_MIN", 16)
+    check(lambda q, k, v: causal_attention(q, k, v, pos[:, :m]), lambda i, j: j <= i, q[:, :m], k[:, :m], v[:, :m])
+    prefix = jnp.array([5, 5], jnp.int32)  # the same prefix in both rows (the plain mask is per query, key)
+    check(lambda q, k, v: causal_attention(q, k, v, pos, prefix_len_B=prefix), lambda i, j: j <= i or j < 5)
+
+
+def test_mixer_full_forward_gradients_match_the_plain_equations():
+    """The training path of both mixers (heads-first q/k/v out of the fused projection with RoPE, its own
+    backward pass into the fused layout, the chunked kernel) against the mixer's own `qkv` (token-major,
+    JAX's derivative) around the plain equations: the output and the gradients of x and of every parameter
+    (q/k/v kernel and bias, out kernel), causal and windowed."""
+    cases = [(GlobalAttention, dict(block=16), lambda i, j: j <= i),
+             (SlidingWindowAttention, dict(window=24), lambda i, j: 0 <= i - j < 24)]  # L <= 2W: the chunked kernel
+    x, pos = _inputs(4)
+    ct = jax.random.normal(jax.random.key(5), (B, L, D))
+    for cls, kw, visible in cases:
+        mixer = cls(D, H, G, HD, rope_base=10000.0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
+                    qkv_bias=True, **kw)
+        gdef, params = nnx.split(mixer)
+        params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(6), a.shape), params)  # bias != 0
+
+        def ours(params, x):
+            return jnp.sum(nnx.merge(gdef, params)(x, pos) * ct)
+
+        def plain(params, x):
+            m = nnx.merge(gdef, params)
+            q, k, v = m.qkv(x, pos)
+            return jnp.sum(m.out(_plain_attention_jnp(q, k, v, visible)) * ct)
+
+        got = jax.jit(jax.value_and_grad(ours, (0, 1)))(params, x)
+        want = jax.jit(jax.value_and_grad(plain, (0, 1)))(params, x)
+        for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, e, atol=1e-4, rtol=1e-5)
