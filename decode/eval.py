@@ -67,7 +67,12 @@ def warm_drafter(drafter, prompt, k: int) -> None:
     drafter.reset(np.asarray(prompt))
 
 
-ORACLE = "oracle"  # drafts the plain pass's output: the ceiling (decode.drafters.ReferenceDrafter)
+def oracle_name() -> str:
+    """The ceiling's drafter name, `decode.drafters.ReferenceDrafter.name` (it drafts the plain pass's output);
+    imported when needed: decode.drafters loads numba."""
+    from decode.drafters import ReferenceDrafter
+
+    return ReferenceDrafter.name
 
 
 def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int, make=None, label: str = ""):
@@ -86,7 +91,7 @@ def run(engine, ids: list, *, drafter: str, batch_size: int, kw: dict, seed: int
             res = engine.generate(batch, batch_size=batch_size, seed=seeds, **kw)
         else:
             rows = range(b * batch_size, b * batch_size + len(batch))
-            ds = [make(i) for i in rows] if drafter == ORACLE else [make() for _ in batch]
+            ds = [make(i) for i in rows] if drafter == oracle_name() else [make() for _ in batch]
             res = engine.generate_speculative(batch, ds, batch_size=batch_size, seed=seeds, **kw)
         results.append(res)
         done = Result.concat(results)
@@ -131,13 +136,14 @@ def main(argv=None) -> int:
 
     compile_cache.enable()  # $LMARCH_COMPILE_CACHE or ~/.cache/lmarch/jax: a rerun loads, not compiles
 
+    oracle = ReferenceDrafter.name
     drafters = [d for d in args.drafter.split(",") if d]
-    valid = list(DRAFTERS) + [ORACLE]
+    valid = list(DRAFTERS) + [oracle]
     bad = [d for d in drafters if d not in valid]
     if not drafters or bad:
         raise UserError(f"unknown drafter {bad[0] if bad else args.drafter!r}; valid: {', '.join(valid)}")
-    if ORACLE in drafters and args.temperature != 0:
-        raise UserError(f"--drafter oracle drafts plain greedy output: it needs --temperature 0; got "
+    if oracle in drafters and args.temperature != 0:
+        raise UserError(f"--drafter {oracle} drafts plain greedy output: it needs --temperature 0; got "
                         f"{args.temperature}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
@@ -165,7 +171,7 @@ def main(argv=None) -> int:
     # Compile, before anything is timed, the speculative loop variants these drafters need: with the
     # verifier's top-k ids only if one of them observes (Token Recycling), without them otherwise.
     observe = sorted({make_drafter(name, vocab_size=engine.vocab_size).observes
-                      for name in drafters if name not in ("none", ORACLE)})
+                      for name in drafters if name not in ("none", oracle)})
     for longest in {max(len(x) for x in ids[i:i + bs]) for i in range(0, len(ids), bs)}:  # every bucket
         engine.warmup(bs, longest, speculative=bool(observe), observe=observe)
     # The verify cost per size on this machine, measured once: the "cost" rule sizes sam's drafts by it.
@@ -176,10 +182,10 @@ def main(argv=None) -> int:
             name, vocab_size=engine.vocab_size, static_sam=sam, cost=cost, history=h, max_len=max_draft,
             min_len=min(max_draft, DraftPolicy().min_len), rule=args.rule)
     for name in drafters:
-        if name not in ("none", ORACLE):
+        if name not in ("none", oracle):
             warm_drafter(makers[name](), ids[0], max_draft)
     # "none" runs first in every repeat: the oracle drafts that pass's output (it is the same in every pass)
-    makers[ORACLE] = lambda i: ReferenceDrafter(passes["none"][-1].tokens[i])  # noqa: E731
+    makers[oracle] = lambda i: ReferenceDrafter(passes["none"][-1].tokens[i])  # noqa: E731
     passes: dict = {name: [] for name in ["none"] + [d for d in drafters if d != "none"]}
     for r in range(args.repeats):  # interleaved, so that plain and speculative share the machine's mood
         for name in passes:
@@ -233,7 +239,7 @@ def write_report(args, drafter, items, engine, max_draft, bs, base, spec, out: P
                     for i, (it, t, s) in enumerate(zip(items, spec.tokens, spec.steps))],
         "by_kind": by_kind(items, base, spec),
         "rule": args.rule if drafter.startswith("sam") else None,
-        "bound": drafter == ORACLE,
+        "bound": drafter == oracle_name(),
         "verify_cost_ms": ({str(k): 1e3 * c for k, c in zip(cost.sizes, cost.cost)} if cost is not None
                            and drafter.startswith("sam") else None),
         "per_prompt": [{"id": it["id"], "n_tokens": len(t), "steps": s, "mat": spec.row_mat(i),

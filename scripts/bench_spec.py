@@ -93,27 +93,26 @@ def bench_run(run_dir: str, items: list, variants: list, args) -> tuple[dict, li
                       else (False, True))
     verify = verify_table(arch, engine, args.verify_rounds)
     cost = engine.observed_cost(1)
-    makers = {v: make_maker(v, engine, cost, args.max_draft, sam) for v in variants if v not in ("none", "oracle")}
-    if "oracle" in variants:
-        makers["oracle"] = None  # made per prompt from the plain output of the same round
+    oracle = ReferenceDrafter.name  # made per prompt from the plain output of the same round
+    makers = {v: make_maker(v, engine, cost, args.max_draft, sam) for v in variants if v not in ("none", oracle)}
     kw = dict(max_new_tokens=args.max_new_tokens, stop_ids=())
-    times: dict = {v: [[] for _ in ids] for v in ["none"] + list(makers)}
+    times: dict = {v: [[] for _ in ids] for v in ["none"] + [v for v in dict.fromkeys(variants) if v != "none"]}
     res: dict = {}
     for r in range(args.repeats):
         for i, p in enumerate(ids):
             for v in times:  # alternate the variants prompt by prompt ("none" first: the oracle copies its output)
                 drafter = None if v == "none" else \
-                    ReferenceDrafter(res[("none", i)].tokens[0]) if v == "oracle" else makers[v]()
+                    ReferenceDrafter(res[("none", i)].tokens[0]) if v == oracle else makers[v]()
                 t0 = time.perf_counter()
                 out = engine.generate([p], **kw) if v == "none" else engine.generate_speculative([p], [drafter], **kw)
                 times[v][i].append(time.perf_counter() - t0)
                 res[(v, i)] = out
         print(f"[bench_spec {arch}] round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
     rows = []
-    kinds = sorted({str(it.get("kind", "all")) for it in items})
+    kinds = sorted({str(it["kind"]) for it in items if "kind" in it})  # a file without kinds: "all" only
     for v in times:
         for kind in kinds + ["all"]:
-            sel = [i for i, it in enumerate(items) if kind == "all" or str(it.get("kind", "all")) == kind]
+            sel = [i for i, it in enumerate(items) if kind == "all" or str(it.get("kind")) == kind]
             if not sel:
                 continue
             med = [float(np.median(times[v][i])) for i in sel]
@@ -173,14 +172,15 @@ def main(argv=None) -> int:
         raise UserError("give --runs and/or --configs")
     args.max_draft = args.max_draft or default_max_draft()
     variants = [v for v in args.drafters.split(",") if v]
-    from decode.drafters import DRAFTERS, RULES
+    from decode.drafters import DRAFTERS, RULES, ReferenceDrafter
 
-    bad = [v for v in variants if v != "oracle" and (v.partition(":")[0] not in DRAFTERS
+    oracle = ReferenceDrafter.name
+    bad = [v for v in variants if v != oracle and (v.partition(":")[0] not in DRAFTERS
                                                      or v.partition(":")[2] not in ("",) + RULES)]
     if bad or not variants:
         raise UserError(f"unknown drafter {bad[0] if bad else args.drafters!r} in --drafters; valid: "
                         f"{', '.join(DRAFTERS)} (sam and sam+recycle also as NAME:RULE, RULE one of "
-                        f"{', '.join(RULES)}), oracle")
+                        f"{', '.join(RULES)}), {oracle}")
     verify, rows = [], []
     for c in args.configs:
         from core.config import load_config
