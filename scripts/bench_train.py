@@ -233,6 +233,8 @@ def main(argv=None) -> int:
     from scripts.profile_train import setup
 
     compile_cache.enable(args.compile_cache)
+    if args.compile_cache:  # the --baseline worker reads it from the environment (cold compiles compared cold)
+        os.environ["LMARCH_COMPILE_CACHE"] = args.compile_cache
     cfg = load_config(args.config, args.overrides)
     mesh = make_mesh(cfg.mesh)
     if cfg.data.batch_size % batch_shards(mesh):
