@@ -1,7 +1,7 @@
 """Where the time of a speculative step goes: device work, the size chain, the host callback, the host's Python.
 
     python scripts/profile_spec.py [--configs configs/decoder_tiny.toml ...] [--runs RUN_DIR ...]
-        [--steps 64] [--rounds 7] [--max-draft 4] [--out profile.json]
+        [--steps 64] [--rounds 7] [--max-draft 4] [--out profile.json] [--ops | --device-ops]
 
 For each model and verify size K (drafts always rejected, batch 1), one process times, alternating rounds
 (A, B, C, ... A, B, C ...) and keeping medians of CPU time per step:
@@ -17,7 +17,10 @@ For each model and verify size K (drafts always rejected, batch 1), one process 
   plain stretches).
 Differences between consecutive rows are the cost of each layer. Per-step times are differences of a
 2N-step and an N-step run, so prefill and the request's fixed cost cancel; in CPU time of this process (on
-a shared machine a step's wall time is mostly waiting for a core). `--ops`: XLA's own per-op profile.
+a shared machine a step's wall time is mostly waiting for a core). `--ops`: XLA's own per-op profile of the
+whole speculative loop. `--device-ops`: the same for the isolated steps (the plain loop's step and a verify step
+of K+1 tokens, no host, no size chain), each op's median time x its count (robust to preemption on a loaded
+machine), ops grouped by source line with their shapes, and any cache-sized copy in the optimized HLO.
 """
 
 from __future__ import annotations
@@ -42,16 +45,17 @@ from decode.speculation import host_callback  # noqa: E402
 
 
 def _engine(args, src):
+    kw = {} if args.spec_options is None else {"spec_compiler_options": json.loads(args.spec_options)}
     if src.endswith(".toml"):
         from core.config import load_config
         from models.registry import build_model
 
         cfg = load_config(src)
         return cfg.model.arch, Engine(build_model(cfg.model, seed=0), max_len=cfg.decode.max_len,
-                                      verify_sizes=verify_sizes_for(args.max_draft))
+                                      verify_sizes=verify_sizes_for(args.max_draft), **kw)
     from decode.engine import engine_for_run
 
-    cfg, _, eng = engine_for_run(src, verify_sizes=verify_sizes_for(args.max_draft))
+    cfg, _, eng = engine_for_run(src, verify_sizes=verify_sizes_for(args.max_draft), **kw)
     return cfg.model.arch, eng
 
 
@@ -112,7 +116,8 @@ class Probe:
                 def body(i, c):
                     return lp._verify_step(model, c, inputs[:, :k + 1], draft_len, live, keys, knobs, 0)[0]
                 return jax.lax.fori_loop(0, steps, body, cache)
-            fn = self._device[k] = jax.jit(run, donate_argnums=(1,))
+            # compiled as the speculative loop is (Engine(spec_compiler_options): YNNPACK fusion off on CPU)
+            fn = self._device[k] = jax.jit(run, donate_argnums=(1,), compiler_options=lp.spec_options or None)
         req = self._req(n)
         state, _ = self.e._start(req)
         b = state.cache.lengths.shape[0]
@@ -221,6 +226,146 @@ def op_profile(p: Probe, k: int, steps: int, top: int = 12) -> dict:
     return {"label": label, "groups_us": {g: ns / 1e3 / steps for g, ns in groups.items()}}
 
 
+def _hlo_shapes(hlo: str) -> dict:
+    """{instruction name: 'result shape <- operand shapes'} of the optimized HLO (to name unattributed ops)."""
+    import re
+
+    out = {}
+    for line in hlo.splitlines():
+        m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\((.*?)\)", line)
+        if m:
+            ops = re.findall(r"(f32|s32|pred|u32|bf16|s8|u8)\[([\d,]*)\]", m.group(4))
+            out[m.group(1)] = f"{m.group(3)} {m.group(2).split('{')[0]} <- " + " ".join(f"{t}[{d}]" for t, d in ops)
+    return out
+
+
+def cache_copies(hlo: str, cache_shapes: set) -> list:
+    """Instructions of the optimized HLO that copy a whole cache-shaped buffer (copy, or a fusion whose result
+    is a cache leaf's shape and whose root is not an in-place update)."""
+    import re
+
+    hits = []
+    for line in hlo.splitlines():
+        m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(f32|bf16)\[([\d,]+)\]\S*\s+(copy|copy-start|fusion)\(", line)
+        if m and tuple(int(x) for x in m.group(3).split(",")) in cache_shapes:
+            if m.group(4) == "fusion" and ("dynamic-update-slice" in line or "scatter" in line or "kind=kLoop" not in line):
+                continue
+            hits.append(f"{m.group(1)} {m.group(4)} {m.group(2)}[{m.group(3)}]")
+    return hits
+
+
+def _branch_owner(hlo: str) -> dict:
+    """{instruction name: its enclosing conditional} for the ops inside a conditional's branches (XLA drops
+    their source metadata; they belong to the conditional's source line, e.g. the attention's prefix switch)."""
+    import re
+
+    comps, cur, conds = {}, None, []
+    for line in hlo.splitlines():
+        m = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if m and "=" not in line.split("{")[0]:
+            cur = comps.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
+        if m and cur is not None:
+            cur.append((m.group(1), re.findall(r"(?:calls|to_apply|branch_computations)=\{?([^}]*?)[},]\s", line + " ")
+                        and re.findall(r"%([\w.\-]+)", line.split("metadata")[0].split(")", 1)[-1])))
+            if " conditional(" in line:
+                conds.append((m.group(1), re.findall(r"%([\w.\-]+)", line.split("branch_computations=")[-1]
+                                                     .split("}")[0])))
+    owner = {}
+
+    def mark(comp, cond, seen):
+        for name, called in comps.get(comp, []):
+            owner.setdefault(name, cond)
+            for c in called or []:
+                if c in comps and c not in seen:
+                    seen.add(c)
+                    mark(c, cond, seen)
+
+    for cond, branches in conds:
+        for br in branches:
+            mark(br, cond, {br})
+    return owner
+
+
+def device_op_profile(p: Probe, k: int, steps: int, top: int = 25) -> dict:
+    """XLA's per-op CPU time of the isolated step (no host, no size chain): the plain loop's body (k < 0) or
+    `steps` verify steps of K+1 tokens in a jitted fori_loop (extend + acceptance + commit), ops attributed to
+    source lines (scripts/profile_train.py's HLO parser), with each op's shapes; and any cache-sized copy in
+    the optimized HLO."""
+    import collections
+    import glob
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from profile_train import parse_hlo
+
+    e = p.e
+    req = p._req(steps)
+    state, _ = e._start(req)
+    cache_shapes = {tuple(x.shape) for x in jax.tree.leaves(state.cache.layers) if x.ndim >= 3}
+    if k < 0:
+        hlo = e._loops.generate.lower(e.params, state, np.int32(steps), req.stop_S, req.knobs).compile().as_text()
+        run = lambda: p.plain(steps)  # noqa: E731
+    else:
+        p.device(k, 2)  # compiles
+        b = state.cache.lengths.shape[0]
+        hlo = p._device[k].lower(e.params, state.cache, np.zeros((b, p.km), np.int32), np.full(b, k, np.int32),
+                                 np.ones(b, bool), req.keys_Bx2, req.knobs, np.int32(steps)).compile().as_text()
+        run = lambda: p.device(k, steps)  # noqa: E731
+    run()
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, profiler_options=opts):
+            run()
+        pd = jax.profiler.ProfileData.from_file(sorted(glob.glob(d + "/**/*.xplane.pb", recursive=True))[-1])
+    info, shapes, owner = parse_hlo(hlo), _hlo_shapes(hlo), _branch_owner(hlo)
+    per_op, durations = collections.Counter(), collections.defaultdict(list)
+    for plane in pd.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for ln in plane.lines:
+            for ev in ln.events:
+                # containers (loops, conditionals: the attention's prefix switch) hold ops that are counted
+                if ev.name in info and not ev.name.startswith("while") and \
+                        not shapes.get(ev.name, "").startswith(("while", "conditional", "call")):
+                    durations[ev.name].append(ev.duration_ns)
+    # Each op's median duration times its count: on a loaded machine a preempted op lasts 10-100x its usual
+    # time, and the sum of raw durations moved by 2x between runs; the medians are stable.
+    for name, ds in durations.items():
+        per_op[name] = float(np.median(ds)) * len(ds)
+    groups, rows = collections.Counter(), []
+    for name, ns in per_op.most_common():
+        stk, _ = info.get(name, ([], False))
+        if not stk and name in owner:  # inside a conditional's branch: the conditional's source line
+            stk = info.get(owner[name], ([], False))[0]
+        g = "other"
+        for path, fn, _ in stk:
+            hit = [gr for suf, pre, gr in OP_RULES if suf in path and fn.startswith(pre)]
+            if hit:
+                g = hit[0]
+                break
+        if g == "other" and shapes.get(name, "").startswith(("dot", "fusion")) and "dot" in name:
+            g = "layers (matmul, norm, rope)"  # dots whose metadata XLA dropped
+        groups[g] += ns
+        where = f"{Path(stk[0][0]).name}:{stk[0][2]}" if stk else ""
+        rows.append((name, ns / 1e3 / steps, g, where, shapes.get(name, "")))
+    label = "plain step" if k < 0 else f"verify 1+{k} (isolated)"
+    total = sum(per_op.values())
+    copies = cache_copies(hlo, cache_shapes)
+    print(f"\n{label}: op time {total / 1e3 / steps:.1f} us/step (sum of each op's median x count; {len(per_op)} ops), "
+          f"cache-sized copies in the "
+          f"optimized HLO: {copies or 'none'}")
+    for g, ns in groups.most_common():
+        print(f"  {g:32s} {ns / 1e3 / steps:8.1f} us/step")
+    for r in rows[:top]:
+        print(f"    {r[1]:7.1f} us  {r[0]:34s} {r[2]:28s} {r[3]:18s} {r[4][:90]}")
+    return {"label": label, "total_us": total / 1e3 / steps, "groups_us": {g: ns / 1e3 / steps for g, ns in
+                                                                           groups.items()},
+            "ops": [dict(zip(("name", "us", "group", "line", "shapes"), r)) for r in rows], "cache_copies": copies}
+
+
 def per_step(fn, n, clock=time.process_time):
     t0 = clock()
     fn(n)
@@ -275,14 +420,29 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated row kinds to time: plain, nostretch, device, chain, callback, "
                     "spec")
     ap.add_argument("--ops", action="store_true", help="XLA per-op profile of the plain loop and each verify size")
+    ap.add_argument("--device-ops", action="store_true", help="XLA per-op profile of the isolated steps: the plain "
+                    "loop and K+1 tokens of extend + acceptance + commit per verify size (no host, no size chain), "
+                    "with op shapes and the cache-sized copies of the optimized HLO")
+    ap.add_argument("--spec-options", help="XLA compiler options of the speculative loop as JSON (default: the "
+                    "engine's, decode.engine.spec_default_options), e.g. '{}' for XLA's defaults")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if not args.configs and not args.runs:
         raise UserError("give --configs and/or --runs")
+    if args.spec_options is not None:
+        try:
+            if not isinstance(json.loads(args.spec_options), dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            raise UserError(f"--spec-options must be a JSON object of XLA options; got {args.spec_options!r} ({e})")
     out = []
     for src in args.configs + args.runs:
         name, eng = _engine(args, src)
-        if args.ops:
+        if args.device_ops:
+            p = Probe(eng, args.prompt_len)
+            out.append({"name": name, "device_ops": [device_op_profile(p, k, args.steps)
+                                                     for k in (-1,) + tuple(k for k in eng.verify_sizes if k)]})
+        elif args.ops:
             p = Probe(eng, args.prompt_len)
             out.append({"name": name, "ops": [op_profile(p, k, args.steps) for k in (-1,) + eng.verify_sizes]})
         else:
