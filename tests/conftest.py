@@ -36,8 +36,8 @@ if "LMARCH_COMPILE_CACHE" not in os.environ:
 # loadfile sends whole files; by default xdist queues them by their number of tests, so a slow file with few
 # tests (test_faults, test_sharding) could start last and run alone at the end. Queue the slowest files first
 # (longest-processing-time-first: the other worker fills in with the small ones). Relative costs, measured with
-# --durations on the 2-core machine (s23 whole-suite run under load: seconds / 3); a file not listed is cheap and goes last. The order
-# changes no test's result: each file still runs whole in one worker.
+# --durations on the 2-core machine (s23 whole-suite run under load: seconds / 3); a file not listed is cheap
+# and goes last. The order changes no test's result: each file still runs whole in one worker.
 FILE_COST = {
     "test_sharding.py": 451, "test_speculative.py": 301, "test_faults.py": 142, "test_contract.py": 72,
     "test_engine.py": 69, "test_compare.py": 64, "test_spec_stretch.py": 50, "test_spec_edges.py": 49,
