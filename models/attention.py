@@ -66,6 +66,19 @@ def causal_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, pos_BxL, *, window: int = 
     return rows_to_tokens(o_BxGxNxD, l).astype(q_BxLxHxD.dtype)
 
 
+def masked_rows_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, mask_BxLxS):
+    """`masked_attention`'s values on token-major operands through `_rows_attention` (heads first, the written-out
+    backward pass): for a data-dependent mask in which every query sees at least one key (DLCM's
+    cross-attention, whose null concept is always visible). A row that sees no key would get a gradient where
+    `masked_attention`'s has none."""
+    b, l, h, d = q_BxLxHxD.shape
+    g = k_BxSxGxD.shape[2]
+    q_BxGxNxD = jnp.transpose(_grouped(q_BxLxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, l * (h // g), d)
+    k_BxGxSxD, v_BxGxSxD = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxSxGxD, v_BxSxGxD))
+    vis = jnp.repeat(mask_BxLxS, h // g, axis=1)[:, None]  # row l * R + r sees what position l sees
+    return rows_to_tokens(_rows_attention(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, vis), l).astype(q_BxLxHxD.dtype)
+
+
 def rows_to_tokens(o_BxGxNxD, l: int):
     """[B, G, L * R, D] (row = position * R + r) -> [B, L, H, D] (head h = g * R + r)."""
     b, g, n, d = o_BxGxNxD.shape

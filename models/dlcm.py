@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention import blocked_cache_attention, masked_attention
+from models.attention import blocked_cache_attention, masked_rows_attention
 from models.base import LM, StepCtx
 from models.contract import (Cache, ConceptCache, KVCache, attention_flops_per_token, full_positions, round_up,
                              run_if, run_stack)
@@ -473,7 +473,7 @@ class DLCMLM(LM):
             o = biased_attention(q, keys.transpose(0, 2, 1, 3), vals.transpose(0, 2, 1, 3), bias)
         else:
             vis = jnp.arange(m + 1, dtype=jnp.int32)[None, None, :] <= seg[:, :, None]
-            o = masked_attention(q, keys, vals, vis)
+            o = masked_rows_attention(q, keys, vals, vis)  # the null concept: every row sees a key
         y = self._stack(self.dec_blocks, self._fuse(h, o), pos, prefix_len_B)
 
         # Global Parser over the whole (global) batch: F of the realised boundaries (no gradient), G = mean p

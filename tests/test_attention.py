@@ -200,3 +200,24 @@ def test_mixer_full_forward_gradients_match_the_plain_equations():
         want = jax.jit(jax.value_and_grad(plain, (0, 1)))(params, x)
         for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, e, atol=1e-4, rtol=1e-5)
+
+
+def test_masked_rows_attention_equals_the_dense_masked_attention():
+    """DLCM's cross-attention path: a data mask (every row sees key 0, like the null concept), GQA, S != L;
+    values and q/k/v gradients equal `masked_attention`'s (autodiff) to fp32 rounding."""
+    from models.attention import masked_attention, masked_rows_attention
+
+    rng = np.random.default_rng(3)
+    b, l, s, h, g, d = 2, 12, 7, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.float32) for sh in ((b, l, h, d), (b, s, g, d), (b, s, g, d)))
+    seg = jnp.asarray(np.sort(rng.integers(0, s, (b, l)), axis=1))  # each token's last visible key, 0 included
+    mask = jnp.arange(s)[None, None, :] <= seg[:, :, None]
+    w = jnp.asarray(rng.standard_normal((b, l, h, d)), jnp.float32)
+
+    def vg(f):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v, mask) * w), argnums=(0, 1, 2)))(q, k, v)
+
+    (got, gg), (want, gw) = vg(masked_rows_attention), vg(masked_attention)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, e in zip(gg, gw):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
