@@ -159,6 +159,16 @@ OP_RULES = (
 )
 
 
+def op_group(stack) -> str:
+    """The group of an op from its source stack (file path, function, line), first rule of OP_RULES that
+    matches a frame; "other" when none does."""
+    for path, fn, _ in stack:
+        for suf, pre, gr in OP_RULES:
+            if suf in path and fn.startswith(pre):
+                return gr
+    return "other"
+
+
 def op_profile(p: Probe, k: int, steps: int, top: int = 12) -> dict:
     """XLA's per-op CPU time (jax.profiler) of `steps` speculative steps at size k (k = -1: the plain loop),
     grouped by the source line that emitted each op (scripts/profile_train.py's HLO attribution)."""
@@ -207,12 +217,7 @@ def op_profile(p: Probe, k: int, steps: int, top: int = 12) -> dict:
     per_op = collections.Counter({n: ns for n, ns in per_op.items() if n in info})
     for name, ns in per_op.most_common():
         stk, _ = info.get(name, ([], False))
-        g = "other"
-        for path, fn, _ in stk:
-            hit = [gr for suf, pre, gr in OP_RULES if suf in path and fn.startswith(pre)]
-            if hit:
-                g = hit[0]
-                break
+        g = op_group(stk)
         groups[g] += ns
         rows.append((name, ns / 1e3 / steps, g, f"{Path(stk[0][0]).name}:{stk[0][2]}" if stk else ""))
     label = "plain" if k < 0 else f"spec K={k}"
@@ -340,12 +345,7 @@ def device_op_profile(p: Probe, k: int, steps: int, top: int = 25) -> dict:
         stk, _ = info.get(name, ([], False))
         if not stk and name in owner:  # inside a conditional's branch: the conditional's source line
             stk = info.get(owner[name], ([], False))[0]
-        g = "other"
-        for path, fn, _ in stk:
-            hit = [gr for suf, pre, gr in OP_RULES if suf in path and fn.startswith(pre)]
-            if hit:
-                g = hit[0]
-                break
+        g = op_group(stk)
         if g == "other" and shapes.get(name, "").startswith(("dot", "fusion")) and "dot" in name:
             g = "layers (matmul, norm, rope)"  # dots whose metadata XLA dropped
         groups[g] += ns
