@@ -57,13 +57,19 @@ def causal_attention(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD, pos_BxL, *, window: int = 
     window, and with a prefix-LM prefix. Token-major operands around `causal_attention_heads_first`, which the
     mixers' full forward calls directly (`Attention.full_forward`); pos_BxL must be 0..L-1 and is not read."""
     del pos_BxL
-    b, l, h, d = q_BxLxHxD.shape
-    g = k_BxLxGxD.shape[2]
-    # heads first, the R query heads of a KV group folded into the rows: row l * R + r
-    q_BxGxNxD = jnp.transpose(_grouped(q_BxLxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, l * (h // g), d)
-    k_BxGxLxD, v_BxGxLxD = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxLxGxD, v_BxLxGxD))
+    l = q_BxLxHxD.shape[1]
+    q_BxGxNxD, k_BxGxLxD, v_BxGxLxD = _heads_first(q_BxLxHxD, k_BxLxGxD, v_BxLxGxD)
     o_BxGxNxD = causal_attention_heads_first(q_BxGxNxD, k_BxGxLxD, v_BxGxLxD, window=window, prefix_len_B=prefix_len_B)
     return rows_to_tokens(o_BxGxNxD, l).astype(q_BxLxHxD.dtype)
+
+
+def _heads_first(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD):
+    """Token-major q/k/v -> heads first: q [B, G, L * R, D] (the R query heads of a KV group in the rows,
+    row = position * R + r), k and v [B, G, S, D]."""
+    b, l, h, d = q_BxLxHxD.shape
+    g = k_BxSxGxD.shape[2]
+    q_BxGxNxD = jnp.transpose(_grouped(q_BxLxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, l * (h // g), d)
+    return (q_BxGxNxD, *(jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxSxGxD, v_BxSxGxD)))
 
 
 def masked_rows_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, mask_BxLxS):
@@ -71,10 +77,8 @@ def masked_rows_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, mask_BxLxS):
     backward pass): for a data-dependent mask in which every query sees at least one key (DLCM's
     cross-attention, whose null concept is always visible). A row that sees no key would get a gradient where
     `masked_attention`'s has none."""
-    b, l, h, d = q_BxLxHxD.shape
-    g = k_BxSxGxD.shape[2]
-    q_BxGxNxD = jnp.transpose(_grouped(q_BxLxHxD, g), (0, 2, 1, 3, 4)).reshape(b, g, l * (h // g), d)
-    k_BxGxSxD, v_BxGxSxD = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxSxGxD, v_BxSxGxD))
+    l, h, g = q_BxLxHxD.shape[1], q_BxLxHxD.shape[2], k_BxSxGxD.shape[2]
+    q_BxGxNxD, k_BxGxSxD, v_BxGxSxD = _heads_first(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD)
     vis = jnp.repeat(mask_BxLxS, h // g, axis=1)[:, None]  # row l * R + r sees what position l sees
     return rows_to_tokens(_rows_attention(q_BxGxNxD, k_BxGxSxD, v_BxGxSxD, vis), l).astype(q_BxLxHxD.dtype)
 
