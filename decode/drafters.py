@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from decode.sam import Cursor, DynamicMatcher, SuffixAutomaton
+from decode.sam import LINKED, MAX_ID, MIN_END, Cursor, DynamicMatcher, SuffixAutomaton, _append_and_advance, _int_array
 
 _EMPTY = np.zeros(0, np.int32)
 
@@ -95,27 +95,30 @@ class ObservedCost:
         # cost more than the arithmetic
         self._mean = [0.0] * len(self.sizes)
         self._n = [0] * len(self.sizes)
+        self._index = {int(k): i for i, k in enumerate(self.sizes)}
+        self._base = [float(b) for b in base.cost]
+        self._term = [0.0] * len(self.sizes)  # n * log(mean / base) per size, for the load factor
         self._cost: tuple | None = None
 
     n = property(lambda self: np.asarray(self._n), doc="observations per size (capped at `memory`)")
     mean = property(lambda self: np.asarray(self._mean), doc="running mean of the observed cost per size")
 
     def observe(self, size: int, seconds: float) -> None:
-        if size not in self.sizes or not seconds > 0:
+        i = self._index.get(size)
+        if i is None or not seconds > 0:
             return
-        i = self.sizes.index(size)
-        self._n[i] = min(self._n[i] + 1, self.memory)  # a running mean that forgets beyond `memory` steps
-        self._mean[i] += (seconds - self._mean[i]) / self._n[i]
+        n = self._n[i] = min(self._n[i] + 1, self.memory)  # a running mean that forgets beyond `memory` steps
+        m = self._mean[i] = self._mean[i] + (seconds - self._mean[i]) / n
+        self._term[i] = n * math.log(m / self._base[i])
         self._cost = None
 
     @property
     def cost(self) -> tuple:
         if self._cost is None:
-            base = [float(b) for b in self.base.cost]
-            seen = [(n, m, b) for n, m, b in zip(self._n, self._mean, base) if n > 0]
-            load = math.exp(sum(n * math.log(m / b) for n, m, b in seen) / sum(n for n, _, _ in seen)) \
-                if seen else 1.0
-            c = [(self.w * b * load + n * m) / (self.w + n) for b, n, m in zip(base, self._n, self._mean)]
+            base, ns, means = self._base, self._n, self._mean
+            seen = sum(ns)
+            load = math.exp(sum(t for t, n in zip(self._term, ns) if n > 0) / seen) if seen else 1.0
+            c = [(self.w * b * load + n * m) / (self.w + n) for b, n, m in zip(base, ns, means)]
             for i in range(len(c) - 2, -1, -1):  # never decreasing in size
                 c[i] = min(c[i], c[i + 1])
             self._cost = tuple(c)
@@ -153,10 +156,17 @@ class Acceptance:
     def __init__(self, prior_weight: float = 2.0, history: "Acceptance | None" = None, history_weight: float = 8.0):
         self.w = float(prior_weight)
         self.history, self.hw = history, float(history_weight)
-        self.hit = np.zeros((len(SOURCES), _LEN_BUCKETS + 1))
-        self.miss = np.zeros((len(SOURCES), _LEN_BUCKETS + 1))
-        self._earlier = None  # the history's counts when this request began (its own records excluded)
+        # plain Python lists [source][bucket]: `rate` and `record` run once per verify step and row, where
+        # numpy's per-element overhead cost more than the arithmetic
+        self._hit = [[0.0] * (_LEN_BUCKETS + 1) for _ in SOURCES]
+        self._miss = [[0.0] * (_LEN_BUCKETS + 1) for _ in SOURCES]
+        # what the history held when this request began (its own records excluded), scaled down to at most
+        # history_weight observations per bucket: (scaled hits, scaled count) per [source][bucket], or None
+        self._earlier: list | None = None
         self.reset()
+
+    hit = property(lambda self: np.asarray(self._hit), doc="[source, bucket] accepted tokens in this request")
+    miss = property(lambda self: np.asarray(self._miss), doc="[source, bucket] rejections in this request")
 
     @staticmethod
     def bucket(length: int) -> int:
@@ -170,28 +180,35 @@ class Acceptance:
         return length / (length + 2.0)
 
     def rate(self, source: int, length: int) -> float:
-        b = self.bucket(length)
-        p = self.prior(source, length)
-        hit, n = self.hit[source, b], self.hit[source, b] + self.miss[source, b]
+        b = length if 0 <= length < _LEN_BUCKETS else (0 if length < 0 else _LEN_BUCKETS)
+        p = 0.5 if source == 2 else length / (length + 2.0)  # prior(source, length)
+        hit = self._hit[source][b]
+        n = hit + self._miss[source][b]
         if self._earlier is not None:
-            h_hit, h_n = self._earlier[0][source, b], self._earlier[0][source, b] + self._earlier[1][source, b]
-            if h_n > 0:
-                scale = min(1.0, self.hw / h_n)
-                hit, n = hit + scale * h_hit, n + scale * h_n
+            e = self._earlier[source][b]
+            if e is not None:
+                hit, n = hit + e[0], n + e[1]
         return (hit + self.w * p) / (n + self.w)
 
     def record(self, source: int, length: int, n: int, accepted: int) -> None:
-        b = self.bucket(length)
-        self.hit[source, b] += accepted
-        self.miss[source, b] += accepted < n
+        b = length if 0 <= length < _LEN_BUCKETS else (0 if length < 0 else _LEN_BUCKETS)
+        self._hit[source][b] += accepted
+        self._miss[source][b] += accepted < n
         if self.history is not None:
             self.history.record(source, length, n, accepted)
 
     def reset(self) -> None:
-        self.hit[:] = 0
-        self.miss[:] = 0
+        for row in self._hit + self._miss:
+            row[:] = [0.0] * len(row)
         if self.history is not None:
-            self._earlier = (self.history.hit.copy(), self.history.miss.copy())
+            self._earlier = []
+            for h_hits, h_misses in zip(self.history._hit, self.history._miss):
+                row = []
+                for h_hit, h_miss in zip(h_hits, h_misses):
+                    h_n = h_hit + h_miss
+                    scale = min(1.0, self.hw / h_n) if h_n > 0 else 0.0
+                    row.append((scale * h_hit, scale * h_n) if h_n > 0 else None)
+                self._earlier.append(row)
 
 
 def best_length(rate: float, available: int, k: int, cost: VerifyCost) -> tuple[int, float]:
@@ -365,6 +382,17 @@ class PromptLookupDrafter(Drafter):
         return self.ctx.buf[start: min(start + n, self.ctx.n)].copy()
 
 
+@numba.njit(cache=True)
+def _recycle_update(succ, inputs, topk, kk):
+    """succ[inputs[r], :kk] = topk[r, :kk] for each row r in order (the last occurrence of a token wins),
+    skipping ids outside [0, len(succ))."""
+    for r in range(inputs.shape[0]):
+        t = inputs[r]
+        if 0 <= t < succ.shape[0]:
+            for j in range(kk):
+                succ[t, j] = topk[r, j]
+
+
 class RecycleTable:
     """Token Recycling's adjacency table: each token's top-k successors from the latest verification
     logits that saw it. Reset per request: a table carried over from another request drafts stale
@@ -377,14 +405,12 @@ class RecycleTable:
         self.succ.fill(-1)
 
     def update(self, inputs: np.ndarray, topk: np.ndarray) -> None:
-        inputs = np.asarray(inputs, dtype=np.int64).reshape(-1)
+        inputs = _int_array(inputs)
         topk = np.asarray(topk).reshape(inputs.shape[0], -1)
         if inputs.shape[0] == 0:
             return
-        keep = (inputs >= 0) & (inputs < self.succ.shape[0])
-        kk = min(topk.shape[1], self.succ.shape[1])
-        # Rows repeat when a token recurs; numpy's fancy assignment keeps the last (most recent) one.
-        self.succ[inputs[keep], :kk] = topk[keep, :kk]
+        # In order, so a token that recurs keeps its most recent successors; ids outside the table are skipped.
+        _recycle_update(self.succ, inputs, topk, min(topk.shape[1], self.succ.shape[1]))
 
     def chain(self, start: int, n: int) -> np.ndarray:
         """Greedy point-mass chain succ[start][0], succ[that][0], ... stopping at an unknown token."""
@@ -470,20 +496,27 @@ class SAMDrafter(Drafter):
             self.aux.reset(prompt_tokens)
 
     def accept(self, tokens: np.ndarray) -> None:
+        tokens = _int_array(tokens)
         if self._last is not None:
             source, length, drafted = self._last
             self._last = None
-            tokens_ = np.asarray(tokens).reshape(-1).tolist()
+            tokens_ = tokens.tolist()
             acc = 0  # the common prefix (plain Python: a few tokens, once per verify step)
-            for a, t in zip(drafted.tolist(), tokens_):
+            for a, t in zip(drafted, tokens_):
                 if a != t:
                     break
                 acc += 1
             # a draft cut by a stop id or the budget is no evidence of a rejection
             self.acceptance.record(source, length, len(drafted) if acc < len(tokens_) else acc, acc)
-        self.dynamic.commit(tokens)
-        if self.static_cursor is not None:
-            self.static_cursor.advance_many(tokens)
+        dyn, cur = self.dynamic.sam, self.static_cursor
+        # One kernel call for both automata in the common case (a mutable dynamic automaton with room and a
+        # static one); else the general path (it grows, thaws or raises on bad ids).
+        if cur is None or dyn._mode != LINKED or _append_and_advance(
+                tokens, dyn._toks, dyn._st, dyn._links, dyn._meta, self.dynamic.cursor._cur, MAX_ID[dyn._toks.dtype],
+                cur.sam._mode, cur.sam._st, cur.sam._links, cur.sam._etok, cur.sam._edst, cur._cur):
+            self.dynamic.commit(tokens)
+            if cur is not None:
+                cur.advance_many(tokens)
         if self.aux is not None:
             self.aux.accept(tokens)
 
@@ -505,33 +538,41 @@ class SAMDrafter(Drafter):
         """The source and length with the most expected tokens per unit of verify cost (or nothing)."""
         k = min(k, self.policy.max_len)
         acc, cost = self.acceptance, self.cost
-        best = (0, 1.0 / cost.of(0), None, 0, None)  # n, value, source, match length, tokens
-        l_dyn, l_static = self.matches()
+        best_n, best_v, source, length, start = 0, 1.0 / cost.cost[0], -1, 0, 0  # cost.of(0)
+        dyn = self.dynamic.sam
+        l_dyn = int(self.dynamic.cursor._cur[1])
+        l_static, end = 0, 0
+        if self.static_cursor is not None:
+            state, l_static = self.static_cursor._cur.tolist()
+            if l_static > 0:
+                end = int(self.static._st[state, MIN_END])
         if l_dyn > 0 and k > 0:
-            toks, n_tok = self.dynamic.tokens, self.dynamic.sam.n_tokens
-            start = _recent_occurrence(toks, n_tok, min(l_dyn, self.MAX_RECENT))
-            if start >= 0:
-                n, v = best_length(acc.rate(0, l_dyn), n_tok - start, k, cost)
-                if n and v > best[1]:
-                    best = (n, v, 0, l_dyn, lambda n, s=start: self.dynamic.sam.continuation(s, n))
+            n_tok = int(dyn._meta[3])
+            s = _recent_occurrence(dyn._toks, n_tok, min(l_dyn, self.MAX_RECENT))
+            if s >= 0:
+                n, v = best_length(acc.rate(0, l_dyn), n_tok - s, k, cost)
+                if n and v > best_v:
+                    best_n, best_v, source, length, start = n, v, 0, l_dyn, s
         if l_static > 0 and k > 0:
-            _, end = self.static_cursor.match
             n, v = best_length(acc.rate(1, l_static), self.static.n_tokens - end, k, cost)
-            if n and v > best[1]:
-                best = (n, v, 1, l_static, lambda n, e=end: self.static.continuation(e, n))
+            if n and v > best_v:
+                best_n, best_v, source, length, start = n, v, 1, l_static, end
+        chain = None
         if self.aux is not None and k > 0:
             chain = self.aux.draft(k)
             n, v = best_length(acc.rate(2, 0), len(chain), k, cost)
-            if n and v > best[1]:
-                best = (n, v, 2, 0, lambda n, c=chain: c[:n])
-        n, _, source, length, take = best
+            if n and v > best_v:
+                best_n, best_v, source, length = n, v, 2, 0
         self.last_match_len = max(l_dyn, l_static)
-        if not n:
+        if not best_n:
             self.last_source = "none"
             return _EMPTY
-        out = np.asarray(take(n), np.int32)
+        if source == 2:
+            out = np.asarray(chain[:best_n], np.int32)
+        else:
+            out = (dyn if source == 0 else self.static)._toks[start:start + best_n].astype(np.int32)
         self.last_source = "recycle" if source == 2 else SOURCES[source]
-        self._last = (source, length, out)
+        self._last = (source, length, out.tolist())
         return out
 
     def _draft_paper(self, k: int) -> np.ndarray:

@@ -214,6 +214,17 @@ def _append(new, buf, st, links, meta, cur, track, max_id):
 
 
 @numba.njit(cache=True)
+def _append_and_advance(new, buf, st, links, meta, cur, max_id, s_mode, s_st, s_links, s_etok, s_edst, s_cur):
+    """A drafter's `accept` in one call: `_append(new)` to the mutable (LINKED) automaton tracking cursor
+    cur, then, if that succeeded (0), advance the cursor s_cur of another (static) automaton over new.
+    Returns _append's status; nothing is changed unless it is 0."""
+    status = _append(new, buf, st, links, meta, cur, True, max_id)
+    if status == 0:
+        _advance(s_mode, s_st, s_links, s_etok, s_edst, s_cur, new)
+    return status
+
+
+@numba.njit(cache=True)
 def _canonical(st, state, length):
     """An extension after the cursor last moved may have split its state; the match of that length then
     belongs to the clone (an ancestor), whose transitions are the ones that count."""

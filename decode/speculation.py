@@ -28,11 +28,13 @@ from decode.request import Request
 
 
 def host_callback(fn, shape: jax.ShapeDtypeStruct, x, device=None):
-    """`fn(x as numpy) -> numpy array of shape`, run on the host from inside a jitted function. `device`: the
+    """`fn(x as numpy) -> numpy array of shape`, run on the host from inside a jitted function (fn may return the
+    same buffer every call: its result is copied before fn runs again). `device`: the
     one device that calls the host when the jitted function is partitioned over a mesh (a side effect must
     not be replicated)."""
     if device is not None:
-        return io_callback(fn, shape, x, ordered=False, sharding=jax.sharding.SingleDeviceSharding(device))
+        return io_callback(lambda a: np.array(fn(a)), shape, x, ordered=False,
+                           sharding=jax.sharding.SingleDeviceSharding(device))
     if buffer_callback is not None and jax.default_backend() == "cpu":
         def write(ctx, out, x):  # CPU buffers are host memory: numpy views, no copies
             np.asarray(out)[...] = fn(np.asarray(x))
@@ -40,7 +42,7 @@ def host_callback(fn, shape: jax.ShapeDtypeStruct, x, device=None):
         # per speculative request). The result is the loop's next carry, so XLA keeps exactly one call per
         # iteration (tests/test_verify_step.py).
         return buffer_callback(write, shape, has_side_effect=False)(x)
-    return io_callback(fn, shape, x, ordered=False)
+    return io_callback(lambda a: np.array(fn(a)), shape, x, ordered=False)  # fn may reuse its output buffer
 
 
 def step_clock() -> tuple:
@@ -80,14 +82,12 @@ class Host:
 
     def step(self, emitted):
         """[out (w) | count | steps | top-k ids (w x k)] per row in, [inputs (K+1) | length | live | room] out.
-        steps is 1 for a verify step and the number of tokens for a plain stretch (0 for a row not live)."""
+        steps is 1 for a verify step and the number of tokens for a plain stretch (0 for a row not live).
+        Returns the run's own output buffer (written in place every step; the callback copies it out)."""
         t0 = time.perf_counter()
-        e = np.asarray(emitted)
-        w = self.w
-        inputs, draft_len, live = self.run.step(e[:, :w], e[:, w], e[:, w + 1], e[:, w + 2:].reshape(len(e), w, -1))
-        out = np.concatenate([inputs, draft_len[:, None], live[:, None], self.run.room()[:, None]], axis=1,
-                             dtype=np.int32)
-        self.run.host_s += time.perf_counter() - t0
+        run = self.run
+        out = run.step(np.asarray(emitted), self.w)
+        run.host_s += time.perf_counter() - t0
         return out
 
     @contextlib.contextmanager
@@ -106,6 +106,12 @@ class SpeculativeRun:
 
     `step` runs inside the jitted loop's host callback. An exception there (a drafter bug) is kept in
     `error`, ends the loop (no live rows) and is raised by the caller afterwards.
+
+    The per-step path is plain Python over small lists (numpy's per-call overhead on 1-5 tokens was most of
+    the host's time per step, e.g. np.isin's ~40 us, and inside the callback the code runs cold after every
+    device step, so its cost follows the number of bytecodes and numpy calls): per-row state is kept in lists,
+    `room` incrementally, and the result is written into one preallocated buffer `out` = [inputs (K+1) |
+    draft length | live | room] per row.
     """
 
     def __init__(self, req: Request, drafters, *, max_verify: int, pad_id: int, vocab_size: int, observe_k: int,
@@ -117,19 +123,28 @@ class SpeculativeRun:
         self.on_tokens = on_tokens  # on_tokens(row, new ids) as rows emit (streaming); its errors end the run
         # Only drafters that declare `observes` get the top-k ids (observe_k is 0 when none does).
         self.observes = [bool(observe_k) and d.observes for d in drafters]
+        self._any_observes = any(self.observes)
         self.kmax, self.pad_id, self.vocab_size = int(max_verify), int(pad_id), int(vocab_size)
         b = len(req.prompts)
         self.stops = set(int(s) for s in req.stop_S if s >= 0)
         self.emitted = [[int(first[i])] if n0[i] else [] for i in range(b)]
-        self.live = ~done0
-        self.live[req.n_real:] = False
-        self.pending = first.astype(np.int32)
+        live = ~np.asarray(done0, bool)
+        live[req.n_real:] = False
+        self.live = live.tolist()  # [B] bool
+        self.pending = [int(t) for t in np.asarray(first).tolist()]
+        self.max_new = [int(m) for m in np.asarray(req.max_new_B).tolist()]
+        self._room = [m - len(e) for m, e in zip(self.max_new, self.emitted)]  # tokens each row may still emit
         self.steps = [0] * b
         self.calls = 0
         self.host_s = 0.0  # wall time inside the host callback (drafting included)
         self.error: BaseException | None = None
-        self.inputs = np.full((b, self.kmax + 1), self.pad_id, np.int32)
-        self.draft_len = np.zeros(b, np.int32)
+        km = self.kmax + 1
+        self.out = np.full((b, km + 3), self.pad_id, np.int32)  # [inputs | draft length | live | room]
+        self.inputs = self.out[:, :km]  # views of `out`
+        self.draft_len = [0] * b
+        # the verify size that holds a draft of n tokens, n = 0..kmax (the loop's choice, for ObservedCost)
+        self._size_for = [next((k for k in self.sizes if k >= n), self.sizes[-1]) if self.sizes else 0
+                          for n in range(km)]
         td = time.perf_counter()
         for i in range(req.n_real):
             d, p = drafters[i], req.prompts[i]
@@ -143,39 +158,38 @@ class SpeculativeRun:
                 on_tokens(i, np.asarray(self.emitted[i], np.int32))
 
     def drafts(self):
-        """(inputs [B, kmax+1] = pending then draft, draft lengths [B], live [B]) for the next verify step."""
+        """(inputs [B, kmax+1] = pending then draft, draft lengths [B], live [B]) for the next verify step
+        (copies: the first step's inputs; later steps go through `step`)."""
         td = time.perf_counter()
-        vocab, max_new = self.vocab_size, self.req.max_new_B
-        self.inputs[:] = self.pad_id
-        self.inputs[:, 0] = self.pending
-        self.draft_len[:] = 0
-        for i in np.flatnonzero(self.live).tolist():
-            room = min(self.kmax, int(max_new[i]) - len(self.emitted[i]) - 1)
-            if room > 0:
-                d = np.asarray(self.drafters[i].draft(room)).reshape(-1)[:room]
-                if d.size:
-                    if d.min() < 0 or d.max() >= vocab:  # a drafter bug, not user input
-                        raise ValueError(f"drafter {i} proposed token ids outside [0, {vocab}): {d}")
-                    self.inputs[i, 1:1 + d.size] = d
-                self.draft_len[i] = d.size
+        self._draft()
         self.draft_s += time.perf_counter() - td
-        return self.inputs.copy(), self.draft_len.copy(), self.live.copy()
+        km = self.kmax + 1
+        return self.out[:, :km].copy(), self.out[:, km].copy(), self.out[:, km + 1] > 0
 
     def room(self) -> np.ndarray:
         """[B] tokens each row may still emit (its budget less what it emitted)."""
-        return np.asarray([int(m) - len(e) for m, e in zip(self.req.max_new_B, self.emitted)], np.int32)
+        return np.asarray(self._room, np.int32)
 
-    def step(self, out_BxW, counts_B, steps_B, topk_BxWxO):
-        if self.error is not None:  # the loop is ending; keep state as it was at the error
-            return self.inputs.copy(), self.draft_len.copy(), np.zeros_like(self.live)
-        try:
-            self._emit(out_BxW, counts_B, steps_B, topk_BxWxO)
-            return self.drafts()
-        except BaseException as e:  # noqa: BLE001 - re-raised by generate_speculative after the loop
-            self.error = e
-            return self.inputs.copy(), self.draft_len.copy(), np.zeros_like(self.live)
+    def step(self, emitted, w: int):
+        """One host call: `emitted` [B, w + 2 + w * k] = [tokens (w) | count | steps | top-k ids] per row (see
+        Host.step). Returns `out`, written in place."""
+        if self.error is None:
+            try:
+                self._observe_cost(emitted, w)
+                td = time.perf_counter()
+                self._emit(emitted, w)
+                self._draft()
+                self.draft_s += time.perf_counter() - td
+                return self.out
+            except BaseException as e:  # noqa: BLE001 - re-raised by generate_speculative after the loop
+                self.error = e
+        # the loop is ending (no live row); state stays as it was at the error
+        km = self.kmax + 1
+        self.out[:, km + 1] = 0
+        self.out[:, km + 2] = self._room
+        return self.out
 
-    def _observe_cost(self, steps_B):
+    def _observe_cost(self, emitted, w: int):
         """The CPU time since the last host call is the cost of the iteration that just ran: a verify at the
         smallest size holding the longest draft, or (one step, no draft) a plain step. The CPU time of the
         thread that runs the loop and calls the host (92% of the wall time of a step on decoder_s0): the
@@ -183,41 +197,54 @@ class SpeculativeRun:
         0.35 ms on average inside the callback (decoder_s0, 2-core VM), more than a plain step."""
         t = step_clock()
         if self._t is not None and self.observed_cost is not None and self.sizes:
-            live = np.flatnonzero(self.live)
-            longest = int(self.draft_len[live].max()) if live.size else 0
-            if longest or int(steps_B.max()) == 1:
-                size = next((k for k in self.sizes if k >= longest), self.sizes[-1])
-                self.observed_cost.observe(size, step_elapsed(self._t, t))
+            longest = max(self.draft_len)  # rows not live drafted nothing
+            if longest or max(emitted[:, w + 1].tolist()) == 1:
+                self.observed_cost.observe(self._size_for[longest], step_elapsed(self._t, t))
         self._t = t
 
-    def _emit(self, out_BxW, counts_B, steps_B, topk_BxWxO):
-        # Runs once per verify step: plain Python over small lists (numpy's per-call overhead on 1-5 tokens,
-        # e.g. np.isin's ~40 us, was most of the host's time per step).
-        self._observe_cost(steps_B)
+    def _emit(self, emitted, w: int):
         self.calls += 1
-        td = time.perf_counter()
-        max_new, stops = self.req.max_new_B, self.stops
-        for i in np.flatnonzero(self.live).tolist():
-            emitted = self.emitted[i]
+        stops, live, room = self.stops, self.live, self._room
+        counts = emitted[:, w:w + 2].tolist()  # [count, steps] per row
+        topk = emitted[:, w + 2:].reshape(len(emitted), w, -1) if self._any_observes else None
+        for i, alive in enumerate(live):
+            if not alive:
+                continue
+            count, steps = counts[i]
             stretch = self.draft_len[i] == 0  # a plain stretch: the inputs were pending, then new[:-1]
-            new = out_BxW[i, :min(int(counts_B[i]), int(max_new[i]) - len(emitted))].tolist()
+            new = emitted[i, :min(count, room[i])].tolist()
             hit = next((j for j, t in enumerate(new) if t in stops), -1) if stops else -1
             if hit >= 0:
                 new = new[:hit + 1]
             if self.observes[i]:
                 if stretch:
-                    self.drafters[i].observe(np.asarray([self.pending[i], *new[:-1]], np.int32),
-                                             topk_BxWxO[i, :len(new)])
+                    self.drafters[i].observe(np.asarray([self.pending[i], *new[:-1]], np.int32), topk[i, :len(new)])
                 else:
                     n = self.draft_len[i] + 1
-                    self.drafters[i].observe(self.inputs[i, :n], topk_BxWxO[i, :n])
-            emitted.extend(new)
-            self.steps[i] += int(steps_B[i]) if stretch else 1
+                    self.drafters[i].observe(self.inputs[i, :n], topk[i, :n])
+            self.emitted[i].extend(new)
+            room[i] -= len(new)
+            self.steps[i] += steps if stretch else 1
             self.pending[i] = new[-1]
-            if hit >= 0 or len(emitted) >= max_new[i]:
-                self.live[i] = False
+            if hit >= 0 or room[i] <= 0:
+                live[i] = False
             new_arr = np.asarray(new, np.int32)
             self.drafters[i].accept(new_arr)
             if self.on_tokens is not None:
                 self.on_tokens(i, new_arr)
-        self.draft_s += time.perf_counter() - td
+
+    def _draft(self):
+        """Every live row's draft into `out`: [pending, draft..., pad...] | draft length | live | room."""
+        kmax, pad, vocab, room, live = self.kmax, self.pad_id, self.vocab_size, self._room, self.live
+        rows = []
+        for i, alive in enumerate(live):
+            n, d = 0, ()
+            k = min(kmax, room[i] - 1)
+            if alive and k > 0:
+                d = np.asarray(self.drafters[i].draft(k)).reshape(-1)[:k].tolist()
+                n = len(d)
+                if n and (min(d) < 0 or max(d) >= vocab):  # a drafter bug, not user input
+                    raise ValueError(f"drafter {i} proposed token ids outside [0, {vocab}): {np.asarray(d)}")
+            self.draft_len[i] = n
+            rows.append([self.pending[i], *d, *[pad] * (kmax - n), n, int(alive), room[i]])
+        self.out[...] = rows
