@@ -228,12 +228,13 @@ class Engine:
         prefill_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        stretch = self.max_stretch if max_stretch is None else min(int(max_stretch), self.max_stretch)
         run = SpeculativeRun(req, drafters, max_verify=self.verify_sizes[-1], pad_id=self.pad_id,
                              vocab_size=self.vocab_size, observe_k=observe_k, first=first, n0=n0, done0=done0,
                              prompt_topk=topk_BxSxk, on_tokens=on_tokens,
-                             observed_cost=self._observed.get(len(req.prompts)), sizes=self.verify_sizes)
+                             observed_cost=self._observed.get(len(req.prompts)), sizes=self.verify_sizes,
+                             stretch=stretch if self.verify_sizes[0] == 0 else 1)  # no size 0: no stretches
         inputs, draft_len, live = run.drafts()
-        stretch = self.max_stretch if max_stretch is None else min(int(max_stretch), self.max_stretch)
         with self._host.serving(run):
             final = self._loops.speculate(self.params, cache, inputs, draft_len, live, run.room(),
                                           np.int32(req.max_new_B.max()), np.int32(stretch), req.stop_S, req.keys_Bx2,
