@@ -346,9 +346,11 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
 
     def run(k, n):
         d = [_FixedDraft(k) for _ in prompts]
-        if k == 0:  # n host calls at the longest stretch, after the ramp 1, 2, 4, ... up to it
+        if k == 0:  # a few host calls at the longest stretch, after the ramp 1, 2, 4, ... up to it
+            # n // 8 of them: the tokens of n steps of a verify size that drafts 8, so that the context (and with
+            # it the attention's cost) stays about where the verify sizes are timed
             ramp = sum(min(1 << i, stretch) for i in range(stretch.bit_length()))
-            budget = max(min(ramp + n * stretch, room), 2)
+            budget = max(min(ramp + max(n // 8, 2) * stretch, room), 2)
             engine.generate_speculative(prompts, d, max_new_tokens=budget, stop_ids=(), batch_size=batch_size)
             st, em = d[0].stamps, d[0].emitted
             return np.asarray([step_elapsed(a, b) / em[i + 1] for i, (a, b) in enumerate(zip(st, st[1:]))
