@@ -228,12 +228,13 @@ class Engine:
         prefill_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        stretch = self.max_stretch if max_stretch is None else min(int(max_stretch), self.max_stretch)
         run = SpeculativeRun(req, drafters, max_verify=self.verify_sizes[-1], pad_id=self.pad_id,
                              vocab_size=self.vocab_size, observe_k=observe_k, first=first, n0=n0, done0=done0,
                              prompt_topk=topk_BxSxk, on_tokens=on_tokens,
-                             observed_cost=self._observed.get(len(req.prompts)), sizes=self.verify_sizes)
+                             observed_cost=self._observed.get(len(req.prompts)), sizes=self.verify_sizes,
+                             stretch=stretch if self.verify_sizes[0] == 0 else 1)  # no size 0: no stretches
         inputs, draft_len, live = run.drafts()
-        stretch = self.max_stretch if max_stretch is None else min(int(max_stretch), self.max_stretch)
         with self._host.serving(run):
             final = self._loops.speculate(self.params, cache, inputs, draft_len, live, run.room(),
                                           np.int32(req.max_new_B.max()), np.int32(stretch), req.stop_S, req.keys_Bx2,
@@ -289,9 +290,11 @@ class Engine:
 
 
 class _FixedDraft:
-    """Drafts k copies of token 0 every step (all rejected but by chance): a verify step of size k. Its
-    `stamps` are `step_clock()` stamps at each `draft` call, i.e. once per verify step, from the host callback
-    (see SpeculativeRun._observe_cost for why not the process's CPU clock)."""
+    """Drafts k copies of token 0 every step (all rejected but by chance): a verify step of size k; k = 0 drafts
+    nothing (the loop runs plain stretches). Its `stamps` are `step_clock()` stamps at each `draft` call, i.e.
+    once per host call, from the host callback (see SpeculativeRun._observe_cost for why not the process's CPU
+    clock); `emitted[i]` is how many tokens host call i brought (`accept`; [0] is prefill's token), so the
+    interval stamps[i-1] -> stamps[i] emitted emitted[i] tokens."""
 
     observes = False
 
@@ -299,6 +302,7 @@ class _FixedDraft:
         self.k = k
         self.draft_ = np.zeros(k, np.int32)
         self.stamps: list = []
+        self.emitted: list = []
 
     def reset(self, prompt):
         pass
@@ -308,7 +312,7 @@ class _FixedDraft:
         return self.draft_[:k]
 
     def accept(self, tokens):
-        pass
+        self.emitted.append(len(tokens))
 
     def observe(self, inputs, topk):
         pass
@@ -316,12 +320,15 @@ class _FixedDraft:
 
 def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: int = 64, steps: int = 24,
                         rounds: int = 2):
-    """Cost of one speculative-loop step at each verify size (size 0: a plain step inside the loop), in CPU
-    seconds of the thread that runs the loop (`step_elapsed`): the median of the time between consecutive
-    steps (the drafter stamps the clock at every step, from inside the loop's host callback) over `rounds`
-    requests of `steps` steps per size, sizes interleaved, after one short untimed request per size (which
-    compiles what is missing). A median of single-step intervals ignores prefill, the request's fixed cost
-    and the odd preempted step.
+    """Cost of one speculative-loop step at each verify size, in CPU seconds of the thread that runs the loop
+    (`step_elapsed`): the median of the time between consecutive host calls (the drafter stamps the clock at
+    each, from inside the loop's host callback) over `rounds` requests of `steps` steps per size, sizes
+    interleaved, after one short untimed request per size (which compiles what is missing). A median of
+    single-step intervals ignores prefill, the request's fixed cost and the odd preempted step.
+    Size 0 is what a token costs when nothing is drafted: the loop's plain stretches at their longest
+    (`engine.max_stretch` steps per host call, the host's round trip shared by them), per token. It is the
+    price a draft must beat: a one-step iteration with a host call (the size-0 entry before 2026-12-03) cost
+    ~2x a plain step on the tiny models, so the cost rule drafted where a plain stretch was cheaper.
     CPU time rather than wall time, because on a shared machine the wall time of a step is mostly waiting
     for a core (measured with 8 agents on 2 cores: wall ratios of 3.8x for a step that costs 1.3x); then a
     size never costs more than a larger one (a spike is noise: the larger verify does strictly more work)."""
@@ -333,9 +340,19 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
     sizes = tuple(sorted({0} | set(engine.verify_sizes)))
     samples: dict = {k: [] for k in sizes}
 
+    # without a size-0 branch (verify_sizes lacking 0) the loop runs no stretches: an undrafted step is a verify
+    stretch = max(engine.max_stretch, 1) if engine.verify_sizes[0] == 0 else 1
+    room = engine.max_len - prompt_len - kmax - 2  # tokens a request may emit
+
     def run(k, n):
         d = [_FixedDraft(k) for _ in prompts]
-        # size 0 without plain stretches: one plain step per host call, at the same positions as the others
+        if k == 0:  # n host calls at the longest stretch, after the ramp 1, 2, 4, ... up to it
+            ramp = sum(min(1 << i, stretch) for i in range(stretch.bit_length()))
+            budget = max(min(ramp + n * stretch, room), 2)
+            engine.generate_speculative(prompts, d, max_new_tokens=budget, stop_ids=(), batch_size=batch_size)
+            st, em = d[0].stamps, d[0].emitted
+            return np.asarray([step_elapsed(a, b) / em[i + 1] for i, (a, b) in enumerate(zip(st, st[1:]))
+                               if i + 1 < len(em) and em[i + 1] == stretch])
         engine.generate_speculative(prompts, d, max_new_tokens=n + kmax + 1, stop_ids=(), batch_size=batch_size,
                                     max_stretch=1)
         st = d[0].stamps[:n + 1]  # steps whose drafts were not yet cut by the budget
@@ -346,6 +363,12 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
             dt = run(k, steps if r else 2)
             if r:
                 samples[k] += dt.tolist()
+    if not samples[0]:  # no room for a stretch at its longest (a tiny max_len): a one-step plain iteration
+        for _ in range(rounds):
+            d = [_FixedDraft(0) for _ in prompts]
+            engine.generate_speculative(prompts, d, max_new_tokens=steps + 1, stop_ids=(), batch_size=batch_size,
+                                        max_stretch=1)
+            samples[0] += [step_elapsed(a, b) for a, b in zip(d[0].stamps, d[0].stamps[1:])]
     med = [max(float(np.median(samples[k])), 1e-9) for k in sizes]
     iso = [min(med[i:]) for i in range(len(med))]  # non-decreasing in size
     return VerifyCost(sizes, tuple(iso))

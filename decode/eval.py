@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
     compile_cache.enable()  # $LMARCH_COMPILE_CACHE or ~/.cache/lmarch/jax: a rerun loads, not compiles
 
-    oracle = ReferenceDrafter.name
+    oracle = oracle_name()
     drafters = [d for d in args.drafter.split(",") if d]
     valid = list(DRAFTERS) + [oracle]
     bad = [d for d in drafters if d not in valid]

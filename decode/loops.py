@@ -213,7 +213,8 @@ class Loops:
         host_shape = jax.ShapeDtypeStruct((b, km + 3), jnp.int32)  # next inputs, draft length, live, room
 
         def body(s: SpecState):
-            size = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(s.draft_len))  # smallest that fits
+            size = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(s.draft_len),  # smallest that fits
+                                    method="compare_all")  # one fused comparison, not a while loop
             size = jnp.minimum(size, len(sizes) - 1)
             # One `run_if` (a while loop of 0 or 1 trips) per size, in a chain, not lax.cond or lax.switch:
             # XLA:CPU copies the cache inside a conditional branch that updates it (the KV writes stop being in

@@ -9,6 +9,7 @@ See docs/ARCHITECTURE.md, "A speculative decoding step".
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -93,7 +94,7 @@ class Request:
     tokens_BxS: np.ndarray  # prompts right-padded with pad_id to the bucket S
     plen_B: np.ndarray  # prompt lengths
     max_new_B: np.ndarray  # token budgets (0 for padded rows)
-    keys_Bx2: jax.Array  # per-row PRNG keys
+    keys_Bx2: np.ndarray  # per-row PRNG keys (row_keys)
     knobs: Knobs
     stop_S: np.ndarray  # stop ids, padded with -1 to Limits.max_stop_ids
 
@@ -168,6 +169,21 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=64)
+def row_keys(seed, n: int) -> np.ndarray:
+    """[n, 2] per-row PRNG keys (numpy): for one int seed, PRNGKey(seed) folded with each row's index; for a
+    tuple of seeds, PRNGKey of each. Cached: made eagerly, they cost ~2 ms of op-by-op dispatch per request
+    (most of a short request's preparation), and a request's keys depend only on these two arguments."""
+    if isinstance(seed, tuple):
+        keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seed), jnp.uint32))
+    else:  # one seed: rows differ by their index in the request
+        base = jax.random.PRNGKey(seed)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.arange(n, dtype=jnp.uint32))
+    keys = np.asarray(keys)
+    keys.setflags(write=False)  # shared by every request with these arguments
+    return keys
+
+
 def prepare(limits: Limits, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
             batch_size) -> Request:
     """Check a whole request before anything runs; UserError (one line) for the first problem found."""
@@ -199,18 +215,14 @@ def prepare(limits: Limits, prompts, *, max_new_tokens, temperature, top_k, top_
     seeds = np.asarray(seed)
     if not np.issubdtype(seeds.dtype, np.integer) or seeds.ndim > 1 or (seeds.ndim and len(seeds) != n_real):
         raise UserError(f"seed must be an integer or one integer per prompt; got {seed!r}")
-    if np.ndim(seed) == 0:  # one seed: rows differ by their index in the request
-        base = jax.random.PRNGKey(int(seed))
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.arange(n_real, dtype=jnp.uint32))
-    else:
-        keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
+    keys = row_keys(int(seed) if np.ndim(seed) == 0 else tuple(int(x) for x in seeds), n_real)
 
     # Padded rows (to reach batch_size) start done: max_new 0 means they emit nothing.
     b = batch_size or n_real
     pad_rows = b - n_real
     out += [out[-1]] * pad_rows
     max_new = np.concatenate([max_new, np.zeros(pad_rows, max_new.dtype)]).astype(np.int32)
-    keys = jnp.concatenate([keys, jnp.zeros((pad_rows, 2), keys.dtype)]) if pad_rows else keys
+    keys = np.concatenate([keys, np.zeros((pad_rows, 2), keys.dtype)]) if pad_rows else keys
     knobs = Knobs(*(np.concatenate([k, np.repeat(k[-1:], pad_rows)]) for k in knobs))
     plen = np.array([len(p) for p in out], np.int32)
     s = min(max(limits.min_bucket, next_pow2(int(plen.max()))), limits.max_len)

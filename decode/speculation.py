@@ -115,10 +115,12 @@ class SpeculativeRun:
     """
 
     def __init__(self, req: Request, drafters, *, max_verify: int, pad_id: int, vocab_size: int, observe_k: int,
-                 first, n0, done0, prompt_topk, on_tokens=None, observed_cost=None, sizes=()):
+                 first, n0, done0, prompt_topk, on_tokens=None, observed_cost=None, sizes=(), stretch: int = 1):
         self.req, self.drafters, self.observe_k = req, drafters, observe_k
-        # an ObservedCost (decode.drafters) fed with the CPU time of each verify step at its size
+        # an ObservedCost (decode.drafters) fed with the CPU time of each verify step at its size, and with a
+        # token's cost at the longest plain stretch of this request (`stretch` steps per host call) for size 0
         self.observed_cost, self.sizes = observed_cost, tuple(sizes)
+        self.stretch = max(int(stretch), 1)
         self._t = None
         self.on_tokens = on_tokens  # on_tokens(row, new ids) as rows emit (streaming); its errors end the run
         # Only drafters that declare `observes` get the top-k ids (observe_k is 0 when none does).
@@ -193,15 +195,18 @@ class SpeculativeRun:
 
     def _observe_cost(self, t, rows, w: int):
         """The CPU time since the last host call is the cost of the iteration that just ran: a verify at the
-        smallest size holding the longest draft, or (one step, no draft) a plain step. The CPU time of the
+        smallest size holding the longest draft, or, for size 0 (no draft), a stretch of the longest length
+        (`stretch`) per token; shorter stretches (the ramp after a draft) are not timed. The CPU time of the
         thread that runs the loop and calls the host (92% of the wall time of a step on decoder_s0): the
         process's CPU clock (`time.process_time`) must gather every thread's and took 7 us at the median but
         0.35 ms on average inside the callback (decoder_s0, 2-core VM), more than a plain step. `t`: the
         `step_clock()` stamp of this call."""
         if self._t is not None and self.observed_cost is not None and self.sizes:
             longest = max(self.draft_len)  # rows not live drafted nothing
-            if longest or max(r[w + 1] for r in rows) == 1:
+            if longest:
                 self.observed_cost.observe(self._size_for[longest], step_elapsed(self._t, t))
+            elif max(r[w + 1] for r in rows) == self.stretch:
+                self.observed_cost.observe(0, step_elapsed(self._t, t) / self.stretch)
         self._t = t
 
     def _emit(self, emitted, rows, w: int):

@@ -228,7 +228,8 @@ def blocked_cache_attention(q_BxKxHxD, k_BxGxSxD, v_BxGxSxD, q_pos_BxK, *, block
         sizes = prefix_sizes(s_total)
         if len(sizes) == 1:
             return prefix_attention(s_total)()
-        idx = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.asarray(n_valid, jnp.int32))
+        # compare_all: one fused comparison; the default scan is a while loop of a few tiny steps in every step
+        idx = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.asarray(n_valid, jnp.int32), method="compare_all")
         return jax.lax.switch(jnp.minimum(idx, len(sizes) - 1), [prefix_attention(n) for n in sizes])
 
     assert s_total % block == 0, (s_total, block)

@@ -6,8 +6,9 @@
     python scripts/bench_spec.py --configs configs/decoder_tiny.toml configs/samba_tiny.toml ... --out v.json
         (verify cost only, random init)
 
-Verify cost: the CPU seconds of one step of the speculative loop at each verify size (size 0 = a step with
-no draft), measured with drafts that are always rejected, against a step of the plain loop (CPU time: on a
+Verify cost: the CPU seconds of one step of the speculative loop at each verify size (size 0 = a token when
+nothing is drafted: the longest plain stretch, per token; decode.engine.measure_verify_cost), measured with
+drafts that are always rejected, against a step of the plain loop (CPU time: on a
 shared machine wall time is mostly waiting for a core) (the ratio is what
 the issue targets: 1 + 4 tokens <= 1.5x a plain step on decoder_tiny). For runs, each prompt is decoded
 (batch 1, greedy) plainly and with every drafter, the variants alternating in one process for --repeats
@@ -136,7 +137,9 @@ def bench_run(run_dir: str, items: list, variants: list, args) -> tuple[dict, li
 def print_tables(verify: list, rows: list) -> None:
     if verify:
         sizes = sorted({int(k) for v in verify for k in v["ratio"]})
-        print("| arch | plain step ms | " + " | ".join(f"verify 1+{k} (x plain)" for k in sizes) + " |")
+        # size 0: a token of the longest plain stretch (no draft), per token; k > 0: one verify step of 1+k tokens
+        print("| arch | plain step ms | " + " | ".join("no draft, per token (x plain)" if k == 0 else
+                                                       f"verify 1+{k} (x plain)" for k in sizes) + " |")
         print("|---|---|" + "---|" * len(sizes))
         for v in verify:
             cells = [f"{v['verify_ms'][str(k)]:.3f} ms ({v['ratio'][str(k)]:.2f}x)" if str(k) in v["ratio"] else "-"

@@ -282,6 +282,7 @@ def main(argv=None) -> int:
     jax.block_until_ready(m)
 
     ours, theirs, based = [], [], []
+    load = [os.getloadavg()[0]]  # a 2-core machine's other jobs move both sides' step times (torch's most)
     for _ in range(args.rounds if ref or base else 1):
         for _ in range(args.steps):
             t = time.perf_counter()
@@ -292,6 +293,7 @@ def main(argv=None) -> int:
             based += base.steps(args.steps)
         if ref:
             theirs += ref.steps(args.steps)
+    load.append(os.getloadavg()[0])
     for w in (ref, base):
         if w:
             w.close()
@@ -310,7 +312,7 @@ def main(argv=None) -> int:
              "devices": mesh.size, "dtype": cfg.model.dtype, "batch": b, "seq_len": l, "steps": len(times),
              "step_ms_median": step_s * 1e3, "tokens_per_s": tps, "model_tflops_per_s": tps * flops / 1e12,
              "mfu": (tps * flops) / (peak * 1e12 * mesh.size) if peak else None,
-             "matmul_frac": tps * flops / matmul if matmul else None}
+             "matmul_frac": tps * flops / matmul if matmul else None, "load_avg": load}
         return r
 
     rows = [row(cfg.name, cfg.model.arch, n_params, ours, "ours (jax)")]
@@ -344,6 +346,7 @@ def main(argv=None) -> int:
         if ref:
             print(f"ours / reference tokens/s: {ratio:.2f}x ({len(ours)} + {len(theirs)} steps in {args.rounds} "
                   f"alternating rounds)")
+        print(f"load average (1 min) before / after timing: {load[0]:.1f} / {load[1]:.1f}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

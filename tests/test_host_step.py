@@ -32,7 +32,7 @@ class Scripted:
         self.log.append(("accept", np.asarray(tokens).tolist()))
 
 
-def _run(drafters, max_new, first, stops=(3,), kmax=4, n_real=None, sizes=(), cost=None):
+def _run(drafters, max_new, first, stops=(3,), kmax=4, n_real=None, sizes=(), cost=None, stretch=1):
     b = len(max_new)
     n_real = len(drafters) if n_real is None else n_real
     req = SimpleNamespace(prompts=[np.asarray([1, 2], np.int32)] * b, n_real=n_real,
@@ -40,7 +40,7 @@ def _run(drafters, max_new, first, stops=(3,), kmax=4, n_real=None, sizes=(), co
     live0 = np.asarray([m > 0 for m in max_new])
     return SpeculativeRun(req, drafters + [None] * (b - n_real), max_verify=kmax, pad_id=PAD, vocab_size=50,
                           observe_k=0, first=np.asarray(first, np.int32), n0=live0.astype(np.int32), done0=~live0,
-                          prompt_topk=None, observed_cost=cost, sizes=sizes)
+                          prompt_topk=None, observed_cost=cost, sizes=sizes, stretch=stretch)
 
 
 def _emitted(rows, w):
@@ -109,6 +109,28 @@ def test_observed_sizes_are_the_verify_size_of_the_longest_draft_or_a_plain_step
     run.step(_emitted([([43, 44], 2), ([45, 46], 2)], w), w)  # a stretch of 2 steps: not timed
     assert seen == [4, 4, 2, 2, 0]
 
+
+
+def test_size_0_is_timed_per_token_at_the_longest_stretch_only(monkeypatch):
+    """With plain stretches (here up to 4 steps per host call), an undrafted iteration is timed as size 0 only at
+    the longest stretch, per token (the price of not drafting); the ramp's shorter stretches are not timed."""
+    import decode.speculation as spec
+
+    monkeypatch.setattr(spec, "step_elapsed", lambda a, b: 1.0)  # every interval between host calls costs 1
+    w, seen = 5, []
+    cost = SimpleNamespace(observe=lambda size, s: seen.append((size, s)))
+    a = Scripted([])
+    run = _run([a], max_new=[60], first=[7], sizes=(0, 1, 2, 4), cost=cost, stretch=4)
+    run.drafts()
+    run.step(_emitted([([11], 1)], w), w)  # first call: nothing to time yet
+    run.step(_emitted([([12, 13], 2)], w), w)  # a stretch of 2: the ramp, not timed
+    run.step(_emitted([([14, 15, 16, 17], 4)], w), w)  # the longest stretch: 1/4 per token
+    a.script = [21, 22]
+    run.step(_emitted([([18, 19, 20, 21], 4)], w), w)  # again; this call drafts 2
+    a.script = []
+    run.step(_emitted([([21, 22, 23], 1)], w), w)  # the verify of 2 drafts: size 2
+    run.step(_emitted([([24], 1)], w), w)  # one undrafted step after a draft: not timed
+    assert seen == [(0, 0.25), (0, 0.25), (2, 1.0)]
 
 def test_observed_cost_is_its_definition():
     """Each size: (w * base * load + n * mean) / (w + n), load = exp(sum n log(mean / base) / sum n) over the

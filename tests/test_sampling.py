@@ -154,3 +154,16 @@ def test_draft_outside_filtered_support_is_always_rejected():
     na, emitted = _run_accept(logits, [3], (1.0, 2, 1.0), 5000, seed=3)
     assert (na == 0).all()
     assert set(np.unique(emitted[:, 0])) == {0, 1}
+
+
+def test_row_keys_are_the_seed_folded_with_each_row_or_each_rows_own_seed():
+    """decode.request.row_keys (cached, numpy): one seed -> PRNGKey(seed) folded with the row index; one seed per
+    row -> PRNGKey of each (negative seeds wrap as uint32). Requests of different sizes get their own keys."""
+    from decode.request import row_keys
+
+    for seed, n in ((0, 1), (7, 3), (2**40 + 3, 2), (7, 5)):
+        want = [np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), i)) for i in range(n)]
+        np.testing.assert_array_equal(row_keys(seed, n), np.stack(want))
+    seeds = (3, -1, 9)
+    want = [np.asarray(jax.random.PRNGKey(np.uint32(s % 2**32))) for s in seeds]
+    np.testing.assert_array_equal(row_keys(seeds, 3), np.stack(want))

@@ -524,3 +524,18 @@ def test_verify_cost_is_measured_once_and_then_read_from_disk(monkeypatch, tmp_p
     path.write_text("{not json")  # a damaged entry is measured again
     first._verify_cost.clear()
     assert first.verify_cost(1).sizes == (0, 1, 4) and calls == [1, 1]
+
+
+def test_verify_cost_of_size_0_is_a_token_of_the_longest_plain_stretch(model, engine, monkeypatch):
+    """The cost table's size 0 is what a token costs when nothing is drafted: an interval between host calls at
+    the longest plain stretch (engine.max_stretch tokens), per token; the ramp's shorter stretches are left out.
+    With every interval between host calls costing 1, size 0 costs 1/16 and every verify size 1."""
+    import decode.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "step_elapsed", lambda a, b: 1.0)
+    stretching = Engine(model, max_len=MAX_LEN, verify_sizes=(0, 1, 4))
+    assert stretching.max_stretch == 16
+    cost = engine_mod.measure_verify_cost(stretching, prompt_len=8, steps=3, rounds=1)
+    assert cost.sizes == (0, 1, 4) and cost.cost == (1 / 16, 1.0, 1.0)
+    cost = engine_mod.measure_verify_cost(engine, prompt_len=8, steps=3, rounds=1)  # no size 0: no stretches
+    assert cost.sizes == (0, *SIZES) and cost.cost == (1.0, 1.0, 1.0, 1.0)
