@@ -99,21 +99,34 @@ class ObservedCost:
         self._base = [float(b) for b in base.cost]
         self._term = [0.0] * len(self.sizes)  # n * log(mean / base) per size, for the load factor
         self._cost: tuple | None = None
+        self._pending: list = []  # (size, seconds) observed, not yet applied
 
-    n = property(lambda self: np.asarray(self._n), doc="observations per size (capped at `memory`)")
-    mean = property(lambda self: np.asarray(self._mean), doc="running mean of the observed cost per size")
+    n = property(lambda self: np.asarray(self._flush()._n), doc="observations per size (capped at `memory`)")
+    mean = property(lambda self: np.asarray(self._flush()._mean), doc="running mean of the observed cost per size")
 
     def observe(self, size: int, seconds: float) -> None:
-        i = self._index.get(size)
-        if i is None or not seconds > 0:
-            return
-        n = self._n[i] = min(self._n[i] + 1, self.memory)  # a running mean that forgets beyond `memory` steps
-        m = self._mean[i] = self._mean[i] + (seconds - self._mean[i]) / n
-        self._term[i] = n * math.log(m / self._base[i])
-        self._cost = None
+        # Queued, applied in order before anything reads the table (`_flush`): the speculative loop's host
+        # calls this every step, cold, while only sam's cost rule reads it; a batch of updates runs warm.
+        self._pending.append((size, seconds))
+        if len(self._pending) >= 64:
+            self._flush()
+
+    def _flush(self) -> "ObservedCost":
+        pending, self._pending = self._pending, []
+        for size, seconds in pending:
+            i = self._index.get(size)
+            if i is None or not seconds > 0:
+                continue
+            n = self._n[i] = min(self._n[i] + 1, self.memory)  # a running mean that forgets beyond `memory` steps
+            m = self._mean[i] = self._mean[i] + (seconds - self._mean[i]) / n
+            self._term[i] = n * math.log(m / self._base[i])
+            self._cost = None
+        return self
 
     @property
     def cost(self) -> tuple:
+        if self._pending:
+            self._flush()
         if self._cost is None:
             base, ns, means = self._base, self._n, self._mean
             seen = sum(ns)

@@ -177,9 +177,11 @@ class SpeculativeRun:
         Host.step). Returns `out`, written in place."""
         if self.error is None:
             try:
-                self._observe_cost(emitted, w)
+                t = step_clock()  # first: the step being timed ends here
+                rows = emitted[:, :w + 2].tolist()  # [tokens (w) | count | steps] per row: one numpy call
+                self._observe_cost(t, rows, w)
                 td = time.perf_counter()
-                self._emit(emitted, w)
+                self._emit(emitted, rows, w)
                 self._draft()
                 self.draft_s += time.perf_counter() - td
                 return self.out
@@ -191,33 +193,33 @@ class SpeculativeRun:
         self.out[:, km + 2] = self._room
         return self.out
 
-    def _observe_cost(self, emitted, w: int):
+    def _observe_cost(self, t, rows, w: int):
         """The CPU time since the last host call is the cost of the iteration that just ran: a verify at the
         smallest size holding the longest draft, or, for size 0 (no draft), a stretch of the longest length
         (`stretch`) per token; shorter stretches (the ramp after a draft) are not timed. The CPU time of the
         thread that runs the loop and calls the host (92% of the wall time of a step on decoder_s0): the
         process's CPU clock (`time.process_time`) must gather every thread's and took 7 us at the median but
-        0.35 ms on average inside the callback (decoder_s0, 2-core VM), more than a plain step."""
-        t = step_clock()
+        0.35 ms on average inside the callback (decoder_s0, 2-core VM), more than a plain step. `t`: the
+        `step_clock()` stamp of this call."""
         if self._t is not None and self.observed_cost is not None and self.sizes:
             longest = max(self.draft_len)  # rows not live drafted nothing
             if longest:
                 self.observed_cost.observe(self._size_for[longest], step_elapsed(self._t, t))
-            elif max(emitted[:, w + 1].tolist()) == self.stretch:
+            elif max(r[w + 1] for r in rows) == self.stretch:
                 self.observed_cost.observe(0, step_elapsed(self._t, t) / self.stretch)
         self._t = t
 
-    def _emit(self, emitted, w: int):
+    def _emit(self, emitted, rows, w: int):
         self.calls += 1
         stops, live, room = self.stops, self.live, self._room
-        counts = emitted[:, w:w + 2].tolist()  # [count, steps] per row
         topk = emitted[:, w + 2:].reshape(len(emitted), w, -1) if self._any_observes else None
         for i, alive in enumerate(live):
             if not alive:
                 continue
-            count, steps = counts[i]
+            row = rows[i]
+            steps = row[w + 1]
             stretch = self.draft_len[i] == 0  # a plain stretch: the inputs were pending, then new[:-1]
-            new = emitted[i, :min(count, room[i])].tolist()
+            new = row[:min(row[w], room[i])]
             hit = next((j for j, t in enumerate(new) if t in stops), -1) if stops else -1
             if hit >= 0:
                 new = new[:hit + 1]
