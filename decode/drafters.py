@@ -40,6 +40,7 @@ _EMPTY = np.zeros(0, np.int32)
 
 RULES = ("cost", "paper")
 SOURCES = ("dynamic", "static", "aux")
+_AUX = SOURCES.index("aux")
 _LEN_BUCKETS = 8  # match lengths 1..7 each, then 8+
 
 
@@ -188,13 +189,13 @@ class Acceptance:
     @staticmethod
     def prior(source: int, length: int) -> float:
         # Longer matches are likelier to continue; an auxiliary chain (no match) starts at one half.
-        if SOURCES[source] == "aux":
+        if source == _AUX:
             return 0.5
         return length / (length + 2.0)
 
     def rate(self, source: int, length: int) -> float:
         b = length if 0 <= length < _LEN_BUCKETS else (0 if length < 0 else _LEN_BUCKETS)
-        p = 0.5 if source == 2 else length / (length + 2.0)  # prior(source, length)
+        p = 0.5 if source == _AUX else length / (length + 2.0)  # prior(source, length), inlined (hot)
         hit = self._hit[source][b]
         n = hit + self._miss[source][b]
         if self._earlier is not None:

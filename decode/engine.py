@@ -344,21 +344,27 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
     stretch = max(engine.max_stretch, 1) if engine.verify_sizes[0] == 0 else 1
     room = engine.max_len - prompt_len - kmax - 2  # tokens a request may emit
 
-    def run(k, n):
+    def one_step(k, n):
+        """n intervals of one loop step per host call (no stretches), verifying k drafted tokens."""
         d = [_FixedDraft(k) for _ in prompts]
-        if k == 0:  # a few host calls at the longest stretch, after the ramp 1, 2, 4, ... up to it
-            # n // 8 of them: the tokens of n steps of a verify size that drafts 8, so that the context (and with
-            # it the attention's cost) stays about where the verify sizes are timed
-            ramp = sum(min(1 << i, stretch) for i in range(stretch.bit_length()))
-            budget = max(min(ramp + max(n // 8, 2) * stretch, room), 2)
-            engine.generate_speculative(prompts, d, max_new_tokens=budget, stop_ids=(), batch_size=batch_size)
-            st, em = d[0].stamps, d[0].emitted
-            return np.asarray([step_elapsed(a, b) / em[i + 1] for i, (a, b) in enumerate(zip(st, st[1:]))
-                               if i + 1 < len(em) and em[i + 1] == stretch])
         engine.generate_speculative(prompts, d, max_new_tokens=n + kmax + 1, stop_ids=(), batch_size=batch_size,
                                     max_stretch=1)
         st = d[0].stamps[:n + 1]  # steps whose drafts were not yet cut by the budget
         return np.asarray([step_elapsed(a, b) for a, b in zip(st, st[1:])])
+
+    def run(k, n):
+        if k:
+            return one_step(k, n)
+        # size 0: a few host calls at the longest stretch, after the ramp 1, 2, 4, ... up to it; n // 8 of them
+        # (the tokens of n steps of a verify size that drafts 8), so that the context (and with it the
+        # attention's cost) stays about where the verify sizes are timed
+        d = [_FixedDraft(0) for _ in prompts]
+        ramp = sum(min(1 << i, stretch) for i in range(stretch.bit_length()))
+        budget = max(min(ramp + max(n // 8, 2) * stretch, room), 2)
+        engine.generate_speculative(prompts, d, max_new_tokens=budget, stop_ids=(), batch_size=batch_size)
+        st, em = d[0].stamps, d[0].emitted
+        return np.asarray([step_elapsed(a, b) / em[i + 1] for i, (a, b) in enumerate(zip(st, st[1:]))
+                           if i + 1 < len(em) and em[i + 1] == stretch])
 
     for r in range(rounds + 1):
         for k in sizes:
@@ -367,10 +373,7 @@ def measure_verify_cost(engine: "Engine", *, batch_size: int = 1, prompt_len: in
                 samples[k] += dt.tolist()
     if not samples[0]:  # no room for a stretch at its longest (a tiny max_len): a one-step plain iteration
         for _ in range(rounds):
-            d = [_FixedDraft(0) for _ in prompts]
-            engine.generate_speculative(prompts, d, max_new_tokens=steps + 1, stop_ids=(), batch_size=batch_size,
-                                        max_stretch=1)
-            samples[0] += [step_elapsed(a, b) for a, b in zip(d[0].stamps, d[0].stamps[1:])]
+            samples[0] += one_step(0, steps).tolist()
     med = [max(float(np.median(samples[k])), 1e-9) for k in sizes]
     iso = [min(med[i:]) for i in range(len(med))]  # non-decreasing in size
     return VerifyCost(sizes, tuple(iso))
